@@ -1,0 +1,6 @@
+#!/usr/bin/env bash
+# Installs everything the tests need, then runs the whole suite (CPU; about 15 minutes on 2 cores).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/install.sh test
+exec "${PYTHON:-python3}" -m pytest -q "$@"

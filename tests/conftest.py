@@ -1,0 +1,26 @@
+"""Shared fixtures. Test doubles live in tests/ and are named as such (see scripted_policy.py)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+# Triton kernels run on CPU through the interpreter in tests.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One local Ray cluster for the whole session (starting one costs ~3 s)."""
+    import ray
+    import ray.cloudpickle
+
+    import tests.scripted_policy
+
+    # Test doubles travel to Ray workers by value, so workers need not import tests/.
+    ray.cloudpickle.register_pickle_by_value(tests.scripted_policy)
+    if not ray.is_initialized():
+        ray.init(num_cpus=4, include_dashboard=False, namespace="agent-swarm-tests", log_to_driver=False)
+    yield ray
+    ray.shutdown()

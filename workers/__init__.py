@@ -1,0 +1,1 @@
+"""Sub-agents: the tool-calling loop and the built-in tools."""
