@@ -21,6 +21,7 @@ Emit = Callable[[_Event], None]
 AcquireToolCall = Callable[[], Awaitable[bool]]
 
 BUDGET_EXHAUSTED = "error: the job's tool-call budget is exhausted; answer now with what you have"
+STEP_CAP_NOTICE = "Step limit reached: no more tool calls are possible. Give your final answer now with what you have."
 
 
 @dataclass
@@ -65,6 +66,11 @@ async def run_agent(
     while True:
         steps += 1
         last = steps >= max_steps
+        # Cut off mid-work: tools are withheld now, so say why (a model seeing tool results but no
+        # tools may otherwise try to write a call as text).
+        cut_off = last and bool(specs) and steps > 1
+        if cut_off:
+            messages.append(ChatMessage(role="user", content=STEP_CAP_NOTICE))
         res = await llm.chat(
             messages,
             tools=None if (last or not specs) else specs,
@@ -92,7 +98,7 @@ async def run_agent(
                 tool_calls=tool_calls,
                 prompt_tokens=prompt_tokens,
                 completion_tokens=completion_tokens,
-                hit_step_cap=last and bool(msg.tool_calls),
+                hit_step_cap=cut_off or (last and bool(msg.tool_calls)),
                 messages=messages,
             )
         # Calls of one step run concurrently; results go back in the order they were asked.
