@@ -1,0 +1,1 @@
+"""Fixed, versioned evaluation sets (JSON), written by `python -m planner.envs.make_eval_sets`."""
