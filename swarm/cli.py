@@ -1,0 +1,339 @@
+"""The `swarm` command: serve the API, submit and watch jobs, or run one job in-process.
+
+    swarm serve                       # REST API on settings host/port (embedded Ray unless --address)
+    swarm submit job.json --follow    # via the API, with a live progress view
+    swarm run job.json                # in-process on a Ray cluster (what `ray job submit -- swarm run` runs)
+
+Other packages add command groups with one line each at the bottom of this file
+(`app.add_typer(<their Typer>, name="model")`), so the CLI stays one entry point.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, NoReturn, Optional
+
+import orjson
+import typer
+import yaml
+from pydantic import ValidationError
+from rich.console import Console
+from rich.live import Live
+from rich.table import Table
+
+from swarm.client import Swarm, SwarmClientError
+from swarm.config import ConfigError, Settings, load_settings
+from swarm.plans import JobSpec, JobState, JobStatus
+
+if TYPE_CHECKING:
+    from swarm.runtime import SwarmRuntime
+
+app = typer.Typer(
+    name="swarm",
+    help="Kimi K2.5-style Agent Swarm on Ray: run parallel sub-agent jobs and follow them.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+console = Console()
+err_console = Console(stderr=True)
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+
+@dataclass
+class CliState:
+    """Global options, shared by every subcommand through the typer context."""
+
+    config: str | None = None
+    server: str | None = None
+    token: str | None = None
+
+    def export_config(self) -> None:
+        """Make --config visible to Ray workers this process starts (they load settings themselves)."""
+        if self.config:
+            os.environ["SWARM_CONFIG"] = str(Path(self.config).expanduser().resolve())
+
+    def settings(self) -> Settings:
+        try:
+            return load_settings(self.config)
+        except ConfigError as e:
+            fail(str(e), EXIT_USAGE)
+
+    def server_url(self) -> str:
+        if self.server:
+            return self.server
+        s = self.settings()
+        host = "127.0.0.1" if s.host in ("0.0.0.0", "::", "") else s.host
+        return f"http://{host}:{s.port}"
+
+    def client(self) -> Swarm:
+        return Swarm(self.server_url(), token=self.token or self.settings().api_token)
+
+
+def fail(message: str, code: int = EXIT_FAILED) -> NoReturn:
+    err_console.print(f"[bold red]error:[/] {message}", highlight=False)
+    raise typer.Exit(code)
+
+
+def _state(ctx: typer.Context) -> CliState:
+    return ctx.ensure_object(CliState)
+
+
+def load_job_file(path: Path) -> JobSpec:
+    """A JobSpec from a JSON (or YAML) file; errors name the file and the field."""
+    if not path.is_file():
+        raise ValueError(f"job file {str(path)!r} does not exist")
+    text = path.read_bytes()
+    try:
+        raw = yaml.safe_load(text) if path.suffix in (".yaml", ".yml") else orjson.loads(text)
+    except (orjson.JSONDecodeError, yaml.YAMLError) as e:
+        raise ValueError(f"job file {str(path)!r} is not valid {'YAML' if path.suffix in ('.yaml', '.yml') else 'JSON'}: {e}") from None
+    try:
+        return JobSpec.model_validate(raw)
+    except ValidationError as e:
+        problems = "; ".join(
+            f"field {'.'.join(map(str, err['loc'])) or '(root)'!r}: {err['msg']}" for err in e.errors()
+        )
+        raise ValueError(f"job file {str(path)!r} is not a valid job: {problems}") from None
+
+
+def _client_call(fn: Any, *args: Any, **kw: Any) -> Any:
+    try:
+        return fn(*args, **kw)
+    except SwarmClientError as e:
+        fail(str(e), EXIT_FAILED)
+
+
+def _print_status(st: JobStatus) -> None:
+    t = Table.grid(padding=(0, 2))
+    for k, v in st.model_dump(mode="json", exclude={"metrics"}).items():
+        if k.endswith("_at") and v is not None:
+            v = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(v))
+        if v is not None and v != "":
+            t.add_row(k, str(v))
+    for k, v in st.metrics.model_dump().items():
+        t.add_row(f"metrics.{k}", f"{v:.2f}" if isinstance(v, float) else str(v))
+    console.print(t)
+
+
+@app.callback()
+def _global(
+    ctx: typer.Context,
+    config: Optional[str] = typer.Option(None, "--config", help="settings YAML file (else $SWARM_CONFIG)"),
+    server: Optional[str] = typer.Option(None, "--server", envvar="SWARM_SERVER", help="API URL, e.g. http://host:8321"),
+    token: Optional[str] = typer.Option(None, "--token", envvar="SWARM_TOKEN", help="API bearer token"),
+) -> None:
+    ctx.obj = CliState(config=config, server=server, token=token)
+
+
+@app.command()
+def serve(
+    ctx: typer.Context,
+    host: Optional[str] = typer.Option(None, help="listen address (settings: host)"),
+    port: Optional[int] = typer.Option(None, help="listen port (settings: port, default 8321)"),
+    address: Optional[str] = typer.Option(None, "--address", help="existing Ray cluster, e.g. ray://head:10001 or auto"),
+    db: Optional[str] = typer.Option(None, "--db", help="SQLite job store path"),
+    num_workers: Optional[int] = typer.Option(None, "--num-workers", help="worker actors hosting sub-agents"),
+    token: Optional[str] = typer.Option(None, "--token", help="require this bearer token on the API"),
+) -> None:
+    """Run the REST API (jobs, SSE events, OpenAPI at /docs)."""
+    import uvicorn
+
+    from swarm.api import create_app
+
+    st = _state(ctx)
+    st.export_config()
+    update = {k: v for k, v in dict(host=host, port=port, ray_address=address, db_path=db,
+                                    num_workers=num_workers, api_token=token or st.token).items() if v is not None}
+    try:
+        settings = Settings.model_validate({**st.settings().model_dump(), **update})
+    except ValidationError as e:
+        fail(f"invalid option: {e.errors()[0]['loc'][0]}: {e.errors()[0]['msg']}", EXIT_USAGE)
+    console.print(f"swarm API on http://{settings.host}:{settings.port} (store {settings.db_path}, "
+                  f"Ray {settings.ray_address or 'embedded'}, auth {'on' if settings.api_token else 'off'})")
+    from swarm.runtime import SwarmRuntime
+
+    # Ray first: ray.init installs its own SIGTERM handler, which uvicorn's (installed when it
+    # starts serving) must replace so that Ctrl-C / SIGTERM shut the service down cleanly.
+    runtime = SwarmRuntime(address=settings.ray_address, num_workers=settings.num_workers)
+    try:
+        # Open SSE streams would hold a graceful shutdown until their jobs end; cut them after 5 s
+        # (clients resume with Last-Event-ID).
+        uvicorn.run(create_app(settings, runtime=runtime), host=settings.host, port=settings.port,
+                    log_level="info", timeout_graceful_shutdown=5)
+    finally:
+        runtime.shutdown()
+
+
+@app.command()
+def submit(
+    ctx: typer.Context,
+    job_file: Optional[Path] = typer.Argument(None, metavar="JOB.json", help="a JobSpec file (JSON or YAML)"),
+    task: Optional[str] = typer.Option(None, "--task", help="a task for the orchestrator instead of a file"),
+    name: Optional[str] = typer.Option(None, "--name", help="job name"),
+    follow: bool = typer.Option(False, "--follow", "-f", help="show live progress until the job ends"),
+) -> None:
+    """Submit a job to the service; prints its id."""
+    if (job_file is None) == (task is None):
+        fail("give exactly one of JOB.json or --task TEXT", EXIT_USAGE)
+    if job_file is not None:
+        try:
+            body: dict[str, Any] = load_job_file(job_file).model_dump(mode="json", exclude_unset=True)
+        except ValueError as e:
+            fail(str(e), EXIT_USAGE)
+    else:
+        body = {"task": task}
+    if name is not None:
+        body["name"] = name
+    client = _state(ctx).client()
+    job_id = _client_call(client.submit, body)
+    console.print(job_id, highlight=False)
+    if follow:
+        raise typer.Exit(_follow(client, job_id))
+
+
+def _follow(client: Swarm, job_id: str) -> int:
+    from swarm.progress import show_progress
+
+    prog = _client_call(show_progress, client.events(job_id, follow=True), console)
+    ok = prog.finished is not None and JobState(prog.finished.state) == JobState.succeeded
+    return EXIT_OK if ok else EXIT_FAILED
+
+
+@app.command()
+def status(ctx: typer.Context, job_id: str = typer.Argument(..., metavar="ID"),
+           as_json: bool = typer.Option(False, "--json", help="print the JobStatus JSON")) -> None:
+    """Show a job's state, metrics and result."""
+    st = _client_call(_state(ctx).client().status, job_id)
+    if as_json:
+        typer.echo(st.to_json().decode())
+    else:
+        _print_status(st)
+
+
+@app.command("list")
+def list_jobs(
+    ctx: typer.Context,
+    state: Optional[JobState] = typer.Option(None, "--state", help="only jobs in this state"),
+    limit: int = typer.Option(20, "--limit", min=1, max=1000),
+    as_json: bool = typer.Option(False, "--json", help="one JobStatus JSON per line"),
+) -> None:
+    """List jobs, newest first."""
+    jobs = _client_call(_state(ctx).client().list, state=state, limit=limit)
+    if as_json:
+        for j in jobs:
+            typer.echo(j.to_json().decode())
+        return
+    t = Table()
+    t.add_column("id", no_wrap=True, min_width=16)
+    for col in ("name", "mode", "state", "critical steps", "wall s"):
+        t.add_column(col)
+    for j in jobs:
+        t.add_row(j.id, j.name, j.mode, j.state.value, str(j.metrics.critical_steps), f"{j.metrics.wall_time_s:.1f}")
+    console.print(t)
+
+
+@app.command()
+def events(
+    ctx: typer.Context,
+    job_id: str = typer.Argument(..., metavar="ID"),
+    follow: bool = typer.Option(False, "--follow", "-f", help="keep streaming until the job ends"),
+    after: int = typer.Option(0, "--after", min=0, help="only events after this seq"),
+    as_json: bool = typer.Option(False, "--json", help="one event JSON per line"),
+) -> None:
+    """Print a job's events (one line each)."""
+    from swarm.events import event_to_json
+    from swarm.progress import event_line
+
+    client = _state(ctx).client()
+
+    def emit_all() -> None:
+        for ev in client.events(job_id, follow=follow, after=after):
+            typer.echo(event_to_json(ev).decode() if as_json else event_line(ev))
+
+    _client_call(emit_all)
+
+
+@app.command()
+def cancel(ctx: typer.Context, job_id: str = typer.Argument(..., metavar="ID")) -> None:
+    """Cancel a running job."""
+    st = _client_call(_state(ctx).client().cancel, job_id)
+    console.print(f"cancelling {st.id} (state now {st.state.value})", highlight=False)
+
+
+@app.command()
+def run(
+    ctx: typer.Context,
+    job_file: Path = typer.Argument(..., metavar="JOB.json", help="a JobSpec file (JSON or YAML)"),
+    address: Optional[str] = typer.Option(None, "--address", help="Ray cluster (default: settings, else embedded)"),
+    num_workers: Optional[int] = typer.Option(None, "--num-workers", min=1),
+) -> None:
+    """Run one job in this process on Ray, with live progress. Exit 0 on success, 1 on failure,
+    130 on Ctrl-C (after cancelling the job)."""
+    from swarm.runtime import SwarmRuntime
+
+    try:
+        spec = load_job_file(job_file)
+    except ValueError as e:
+        fail(str(e), EXIT_USAGE)
+    settings = _state(ctx).settings()
+    _state(ctx).export_config()
+    runtime = SwarmRuntime(address=address or settings.ray_address, num_workers=num_workers or settings.num_workers)
+    try:
+        code = run_spec(spec, runtime)
+    finally:
+        runtime.shutdown()
+    raise typer.Exit(code)
+
+
+def run_spec(spec: JobSpec, runtime: SwarmRuntime, out: Console | None = None) -> int:
+    """Run a job in-process on `runtime` with the live view; returns the exit code."""
+    from swarm.dag import PlanValidationError
+    from swarm.plans import new_job_id
+    from swarm.progress import JobProgress
+    from swarm.service import check_spec
+
+    out = out or console
+    try:
+        check_spec(spec)
+    except PlanValidationError as e:
+        err_console.print("[bold red]error:[/] invalid plan:\n  - " + "\n  - ".join(e.problems), highlight=False)
+        return EXIT_USAGE
+    job_id = new_job_id()
+    prog = JobProgress(job_id=job_id, name=spec.name, max_tool_calls=spec.limits.max_tool_calls)
+    try:
+        with Live(prog, console=out, refresh_per_second=4, transient=True, auto_refresh=out.is_terminal):
+            final = asyncio.run(runtime.run_job(spec, on_event=prog.update, job_id=job_id))
+    except KeyboardInterrupt:
+        err_console.print(f"interrupted: cancelling job {job_id} ...")
+        # run_job cancels the job itself when interrupted; this covers an interrupt that came
+        # between its start and its first poll.
+        if runtime.has_job(job_id):
+            try:
+                asyncio.run(runtime.cancel(job_id))
+            except Exception as e:
+                err_console.print(f"cancel: {type(e).__name__}: {e}")
+        return EXIT_INTERRUPTED
+    out.print(prog.summary())
+    if prog.finished is None:  # the stream ended early: report from the final status
+        out.print(f"state: {final.state.value}" + (f"\nerror: {final.error}" if final.error else ""))
+        if final.result:
+            out.print(final.result, highlight=False)
+    return EXIT_OK if final.state == JobState.succeeded else EXIT_FAILED
+
+
+# ---- command groups added by other packages (one line each) ----------------------------------
+# app.add_typer(model_app, name="model")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()
