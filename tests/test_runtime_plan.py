@@ -1,0 +1,280 @@
+"""SwarmRuntime in plan mode on a real local Ray cluster: scale, dependencies, eager start, aggregation."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+import uuid
+from typing import Any
+
+import pytest
+import ray
+import ray.cloudpickle
+from pydantic import BaseModel
+
+from swarm.dag import PlanValidationError
+from swarm.events import (
+    Event,
+    JobFinished,
+    JobSubmitted,
+    SubAgentCreated,
+    SubAgentFinished,
+    SubAgentStarted,
+    ToolResult,
+)
+from swarm.llm import ChatMessage, ChatResult
+from swarm.plans import JobSpec, JobState, Limits, SubAgentSpec, SwarmPlan, ToolsConfig
+from swarm.runtime import JobNotFound, SwarmRuntime
+from tests.scripted_policy import ScriptedTestPolicy, parse_script, script_task
+from workers.tools.calculator import make_calculator_tool
+from workers.tools.registry import Tool, ToolRegistry
+
+# Functions and classes of this module travel to Ray workers by value (workers need not import tests/).
+ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+NAMESPACE = "agent-swarm-test-runtime"
+
+
+def runtime_test_registry(config: ToolsConfig) -> ToolRegistry:
+    """Test-only registry: the real calculator plus `wait_file` and `touch` test tools."""
+
+    class PathArgs(BaseModel):
+        path: str
+
+    async def wait_file(args: PathArgs, ctx: Any) -> str:
+        while not os.path.exists(args.path):
+            await asyncio.sleep(0.02)
+        return f"{args.path} exists"
+
+    async def touch(args: PathArgs, ctx: Any) -> str:
+        open(args.path, "w").close()
+        return f"created {args.path}"
+
+    return ToolRegistry(
+        [
+            make_calculator_tool(),
+            Tool("wait_file", "test tool: wait until a file exists", PathArgs, wait_file),
+            Tool("touch", "test tool: create a file", PathArgs, touch),
+        ]
+    )
+
+
+class EchoTaskTestPolicy(ScriptedTestPolicy):
+    """ScriptedTestPolicy that, for scripts with "echo_task", answers with its whole user message,
+    so a test can see exactly what an agent was given (its dependencies' results)."""
+
+    async def chat(self, messages: list[ChatMessage], tools: Any = None, **kwargs: Any) -> ChatResult:
+        user = next(m.content or "" for m in messages if m.role == "user")
+        if parse_script(user).get("echo_task"):
+            # Defuse the echoed script so an agent depending on this one still finds its own.
+            return ChatResult(message=ChatMessage(role="assistant", content="ECHO:" + user.replace("<<script", "<<echoed")))
+        return await super().chat(messages, tools, **kwargs)
+
+
+def echo_llm_factory(config: Any) -> EchoTaskTestPolicy:
+    return EchoTaskTestPolicy()
+
+
+@pytest.fixture(scope="module")
+def runtime(ray_local) -> SwarmRuntime:
+    rt = SwarmRuntime(
+        namespace=NAMESPACE, num_workers=2, llm_factory=echo_llm_factory, registry_factory=runtime_test_registry
+    )
+    yield rt
+    rt.shutdown()
+
+
+def assert_dense(events: list[Event]) -> None:
+    assert [e.seq for e in events] == list(range(1, len(events) + 1))
+    assert isinstance(events[0], JobSubmitted)
+    assert isinstance(events[-1], JobFinished)
+    assert sum(isinstance(e, JobFinished) for e in events) == 1
+
+
+def first(events: list[Event], cls: type, agent_id: str) -> Any:
+    return next(e for e in events if isinstance(e, cls) and getattr(e, "agent_id", None) == agent_id)
+
+
+async def test_plan_of_100_subagents_with_tool_calls(runtime: SwarmRuntime) -> None:
+    agents = [
+        SubAgentSpec(
+            id=f"a{i}",
+            task=script_task(
+                {
+                    "steps": [
+                        [
+                            {"tool": "calculator", "arguments": {"expression": f"{i} * 1000 + 7"}},
+                            {"tool": "calculator", "arguments": {"expression": "2 ** 10"}},
+                        ]
+                    ],
+                    "answer": "got {results}",
+                }
+            ),
+            tools=["calculator"],
+        )
+        for i in range(100)
+    ]
+    spec = JobSpec(name="hundred", plan=SwarmPlan(subagents=agents))
+    events: list[Event] = []
+    status = await runtime.run_job(spec, on_event=events.append)
+
+    assert status.state == JobState.succeeded, status.error
+    assert_dense(events)
+    finished = {e.agent_id: e for e in events if isinstance(e, SubAgentFinished)}
+    assert set(finished) == {f"a{i}" for i in range(100)}
+    for i in range(100):
+        assert finished[f"a{i}"].result == f"got {i * 1000 + 7} | 1024"
+        assert f"## a{i}\ngot {i * 1000 + 7} | 1024" in (status.result or "")
+    m = status.metrics
+    assert (m.subagents, m.tool_calls, m.total_steps, m.orchestrator_steps) == (100, 200, 200, 0)
+    assert m.critical_steps == 2  # all parallel: the longest agent took 2 model calls
+    assert m.retries == 0 and m.completion_tokens == 5 * 200
+    assert sum(isinstance(e, ToolResult) and not e.is_error for e in events) == 200
+    assert not runtime.has_job(status.id)  # run_job released the actor
+
+
+async def test_dependencies_get_results_and_nodes_start_eagerly(runtime: SwarmRuntime, tmp_path) -> None:
+    flag = str(tmp_path / "flag")
+    plan = SwarmPlan(
+        subagents=[
+            # `slow` can only finish after `c` ran; c depends on b, b on a. With a stage barrier
+            # (b waits for all of a's stage, including slow) this job could never finish.
+            SubAgentSpec(
+                id="slow",
+                task=script_task({"steps": [[{"tool": "wait_file", "arguments": {"path": flag}}]], "answer": "slow done"}),
+                tools=["wait_file"],
+            ),
+            SubAgentSpec(id="a", name="alpha", task=script_task({"answer": "alpha-result-42"})),
+            SubAgentSpec(id="b", task=script_task({"echo_task": True}), depends_on=["a"]),
+            SubAgentSpec(
+                id="c",
+                task=script_task({"steps": [[{"tool": "touch", "arguments": {"path": flag}}]], "answer": "c done"}),
+                tools=["touch"],
+                depends_on=["b"],
+            ),
+            SubAgentSpec(id="join", task=script_task({"echo_task": True}), depends_on=["slow", "c"]),
+        ]
+    )
+    spec = JobSpec(plan=plan, limits=Limits(job_timeout_s=120))
+    events: list[Event] = []
+    status = await runtime.run_job(spec, on_event=events.append)
+
+    assert status.state == JobState.succeeded, status.error
+    assert_dense(events)
+    # Eager start: c started (and so b and a finished) while slow was still running.
+    assert first(events, SubAgentStarted, "c").seq < first(events, SubAgentFinished, "slow").seq
+    for dep, node in [("a", "b"), ("b", "c"), ("slow", "join"), ("c", "join")]:
+        assert first(events, SubAgentFinished, dep).seq < first(events, SubAgentStarted, node).seq
+    b_result = first(events, SubAgentFinished, "b").result
+    assert "### Result of a (alpha)\nalpha-result-42" in b_result
+    join_result = first(events, SubAgentFinished, "join").result
+    assert "### Result of slow\nslow done" in join_result and "### Result of c\nc done" in join_result
+    assert "alpha-result-42" not in join_result  # only direct dependencies are passed on
+    created = {e.agent_id: e for e in events if isinstance(e, SubAgentCreated)}
+    assert created["join"].depends_on == ["slow", "c"] and created["join"].stage == 1
+    # chain a -> b -> c -> join: 1 + 1 + 2 + 1 model calls
+    assert status.metrics.critical_steps == 5
+
+
+async def test_llm_aggregate_is_one_orchestrator_step(runtime: SwarmRuntime) -> None:
+    plan = SwarmPlan(
+        subagents=[
+            SubAgentSpec(id="x", task=script_task({"answer": "x-says-hi"})),
+            SubAgentSpec(id="y", task=script_task({"answer": "y-says-yo"})),
+        ],
+        aggregate="llm",
+        aggregate_prompt=script_task({"echo_task": True}, prefix="merge these"),
+    )
+    status = await runtime.run_job(JobSpec(plan=plan))
+    assert status.state == JobState.succeeded, status.error
+    result = status.result or ""
+    assert result.startswith("ECHO:merge these")
+    assert "### Result of x\nx-says-hi" in result and "### Result of y\ny-says-yo" in result
+    assert status.metrics.orchestrator_steps == 1
+    assert status.metrics.critical_steps == 2 and status.metrics.total_steps == 3
+
+
+async def test_invalid_plan_is_rejected_before_anything_starts(runtime: SwarmRuntime) -> None:
+    plan = SwarmPlan(
+        subagents=[
+            SubAgentSpec(id="p", task="t", tools=["no_such_tool"]),
+            SubAgentSpec(id="q", task="t", depends_on=["missing"]),
+        ]
+    )
+    job_id = "bad-" + uuid.uuid4().hex[:8]
+    with pytest.raises(PlanValidationError) as err:
+        runtime.start_job(job_id, JobSpec(plan=plan))
+    assert any("no_such_tool" in p for p in err.value.problems)
+    assert any("'missing'" in p for p in err.value.problems)
+    assert not runtime.has_job(job_id)
+    with pytest.raises(JobNotFound):
+        await runtime.poll_events(job_id, 0, 0.1)
+
+
+async def test_second_runtime_in_one_process_shares_ray(runtime: SwarmRuntime) -> None:
+    other = SwarmRuntime(
+        namespace=NAMESPACE, num_workers=1, llm_factory=echo_llm_factory, registry_factory=runtime_test_registry
+    )
+    job_id = "twice-" + uuid.uuid4().hex[:8]
+    other.start_job(job_id, JobSpec(plan=SwarmPlan(subagents=[SubAgentSpec(id="solo", task=script_task({"answer": "ok"}))])))
+    assert runtime.has_job(job_id) and job_id in runtime.list_live_jobs()
+    with pytest.raises(ValueError, match=job_id):
+        runtime.start_job(job_id, JobSpec(task="again"))
+    # The first runtime can follow a job the second one started (as after a service restart).
+    seen: list[Event] = []
+    while not (seen and isinstance(seen[-1], JobFinished)):
+        seen += await runtime.poll_events(job_id, seen[-1].seq if seen else 0, 1.0)
+    assert_dense(seen)
+    assert seen[-1].state == JobState.succeeded and seen[-1].result == "## solo\nok"
+    assert await runtime.poll_events(job_id, seen[-1].seq, 0.1) == []
+    await other.release(job_id)
+    assert job_id not in runtime.list_live_jobs()
+    other.shutdown()
+    assert ray.is_initialized()  # it did not start Ray, so it does not stop it
+
+
+async def test_step_cap_and_tool_timeout(runtime: SwarmRuntime, tmp_path) -> None:
+    calc = [{"tool": "calculator", "arguments": {"expression": "1 + 1"}}]
+    plan = SwarmPlan(
+        subagents=[
+            # Five tool steps scripted, but capped at 3 model calls: the last one is offered no tools.
+            SubAgentSpec(id="capped", task=script_task({"steps": [calc] * 5, "answer": "capped: {results}"}),
+                         tools=["calculator"], max_steps=3),
+            SubAgentSpec(
+                id="patient",
+                task=script_task({"steps": [[{"tool": "wait_file", "arguments": {"path": str(tmp_path / "never")}}]],
+                                  "answer": "gave up: {results}"}),
+                tools=["wait_file"],
+            ),
+        ]
+    )
+    events: list[Event] = []
+    status = await runtime.run_job(JobSpec(plan=plan, limits=Limits(tool_timeout_s=0.3)), on_event=events.append)
+    assert status.state == JobState.succeeded, status.error
+    capped = first(events, SubAgentFinished, "capped")
+    assert (capped.steps, capped.tool_calls, capped.result) == (3, 2, "capped: 2 | 2")
+    patient = first(events, SubAgentFinished, "patient")
+    assert patient.result == "gave up: error: tool wait_file timed out after 0.3 s"
+    assert status.metrics.critical_steps == 3 and status.metrics.total_steps == 5
+
+
+async def test_run_job_stops_the_job_when_its_caller_fails(runtime: SwarmRuntime, tmp_path) -> None:
+    plan = SwarmPlan(
+        subagents=[
+            SubAgentSpec(
+                id="long",
+                task=script_task({"steps": [[{"tool": "wait_file", "arguments": {"path": str(tmp_path / "never")}}]]}),
+                tools=["wait_file"],
+            )
+        ]
+    )
+    job_id = "caller-fails-" + uuid.uuid4().hex[:8]
+
+    def on_event(ev: Event) -> None:
+        if isinstance(ev, SubAgentStarted):
+            raise RuntimeError("display broke")
+
+    with pytest.raises(RuntimeError, match="display broke"):
+        await runtime.run_job(JobSpec(plan=plan), on_event=on_event, job_id=job_id)
+    assert not runtime.has_job(job_id)  # cancelled and released, not left running in the cluster
