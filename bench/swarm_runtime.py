@@ -18,10 +18,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import operator
 import os
 import sys
 import time
 from pathlib import Path
+from typing import Annotated, TypedDict
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -60,7 +62,9 @@ def _agent(i: int, calls: int, seconds: float, deps: list[str] | None = None) ->
 
 
 def _job(agents: list[SubAgentSpec]) -> JobSpec:
-    return JobSpec(plan=SwarmPlan(subagents=agents), limits=Limits(max_tool_calls=100_000))
+    return JobSpec(
+        plan=SwarmPlan(subagents=agents), limits=Limits(max_tool_calls=100_000, subagent_max_steps=10_000)
+    )
 
 
 async def _run(runtime, spec: JobSpec):
@@ -90,6 +94,15 @@ async def wide(runtime, n: int, calls: int, seconds: float, repeats: int) -> dic
     return {"n": n, "calls": calls, "lower": lower, "wall": wall, "dispatch": dispatch, "cs": cs, "serial": serial_wall}
 
 
+class LGState(TypedDict):
+    results: Annotated[list, operator.add]
+
+
+class LGBranch(TypedDict):
+    branch: int
+    pos: int
+
+
 UNEVEN = [[0.2, 0.02, 0.02, 0.02], [0.02, 0.02, 0.02, 0.2]]
 
 
@@ -106,30 +119,20 @@ async def uneven_ours(runtime) -> float:
 
 
 def uneven_langgraph() -> float:
-    import operator
-    from typing import Annotated, TypedDict
-
     from langgraph.graph import START, StateGraph
     from langgraph.types import Command, Send
 
-    class State(TypedDict):
-        results: Annotated[list, operator.add]
-
-    class Branch(TypedDict):
-        branch: int
-        pos: int
-
-    async def step(b: Branch) -> Command:
+    async def step(b: LGBranch) -> Command:
         # Each branch continues itself with a Send; LangGraph still runs them in supersteps.
         await asyncio.sleep(UNEVEN[b["branch"]][b["pos"]])
         nxt = b["pos"] + 1
         goto = [Send("step", {"branch": b["branch"], "pos": nxt})] if nxt < len(UNEVEN[b["branch"]]) else []
         return Command(update={"results": [(b["branch"], b["pos"])]}, goto=goto)
 
-    def fan_out(state: State):
+    def fan_out(state: LGState):
         return [Send("step", {"branch": i, "pos": 0}) for i in range(len(UNEVEN))]
 
-    g = StateGraph(State)
+    g = StateGraph(LGState)
     g.add_node("step", step)
     g.add_conditional_edges(START, fan_out, ["step"])
     app = g.compile()

@@ -327,6 +327,32 @@ def run_spec(spec: JobSpec, runtime: SwarmRuntime, out: Console | None = None) -
     return EXIT_OK if final.state == JobState.succeeded else EXIT_FAILED
 
 
+@app.command()
+def demo(
+    ctx: typer.Context,
+    address: Optional[str] = typer.Option(None, "--address", help="Ray cluster (default: settings, else embedded)"),
+    task_index: Optional[int] = typer.Option(None, "--task-index", help="which held-out WideGeo task (default: a small one)"),
+    max_rows: int = typer.Option(12, "--max-rows", min=1, help="pick the largest held-out task with at most this many rows"),
+    single_agent: bool = typer.Option(True, "--single-agent/--no-single-agent", help="also run it as one agent"),
+) -> None:
+    """The main job: a held-out WideGeo task as a swarm and as a single agent, with item-F1 and critical steps."""
+    from planner.demo import run_demo
+
+    _state(ctx).export_config()
+    try:
+        code = run_demo(
+            settings=_state(ctx).settings(),
+            address=address,
+            task_index=task_index,
+            max_rows=max_rows,
+            single_agent=single_agent,
+            console=console,
+        )
+    except ValueError as e:
+        fail(str(e), EXIT_USAGE)
+    raise typer.Exit(code)
+
+
 # ---- command groups added by other packages (one line each) ----------------------------------
 # app.add_typer(model_app, name="model")
 
