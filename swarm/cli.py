@@ -281,6 +281,13 @@ def run(
         spec = load_job_file(job_file)
     except ValueError as e:
         fail(str(e), EXIT_USAGE)
+    from swarm.dag import PlanValidationError
+    from swarm.service import check_spec
+
+    try:  # reject a bad plan before paying for Ray's start-up
+        check_spec(spec)
+    except PlanValidationError as e:
+        fail(f"invalid plan in {job_file}:\n  - " + "\n  - ".join(e.problems), EXIT_USAGE)
     settings = _state(ctx).settings()
     _state(ctx).export_config()
     runtime = SwarmRuntime(address=address or settings.ray_address, num_workers=num_workers or settings.num_workers)
@@ -351,6 +358,19 @@ def demo(
     except ValueError as e:
         fail(str(e), EXIT_USAGE)
     raise typer.Exit(code)
+
+
+@app.command()
+def corpus(
+    out: Optional[Path] = typer.Option(None, "--out", help="where to write it (default: the cache path)"),
+    force: bool = typer.Option(False, "--force", help="rebuild even if it exists"),
+) -> None:
+    """Build the GeoNames search corpus (JSONL) that the `search` tool and the examples use; print its path."""
+    from planner.envs.corpus import build_corpus
+
+    with console.status("writing the GeoNames corpus ..."):
+        path = build_corpus(out, force=force)
+    console.print(str(path), highlight=False)
 
 
 # ---- command groups added by other packages (one line each) ----------------------------------
