@@ -1,0 +1,201 @@
+"""CPU benchmark of the model_shards engine against transformers' DeepseekV3ForCausalLM.generate.
+
+Same weights (the `small` preset, random-initialised, saved as an HF checkpoint and read by both),
+greedy decoding, fixed lengths. Per configuration: time to first token (TTFT, mean over the batch),
+decode throughput (tokens/s after every request has its first token) and peak resident memory of the
+processes that hold the model. Prints a markdown table.
+
+    python bench/engine_cpu.py [--batches 1 8 32] [--prompt-len 64] [--new-tokens 64] [--tp 1 2]
+
+Every configuration runs in a fresh process so peak memory is its own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import multiprocessing as mp
+import os
+import resource
+import sys
+import tempfile
+import time
+from typing import Any
+
+import torch
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def _prompts(batch: int, prompt_len: int, vocab: int) -> list[list[int]]:
+    g = torch.Generator().manual_seed(batch)
+    return torch.randint(3, vocab - 1, (batch, prompt_len), generator=g).tolist()
+
+
+def make_checkpoint(out_dir: str, seed: int) -> None:
+    from model_shards.checkpoint import save_checkpoint
+    from model_shards.model_runner import ModelRunner, RunnerSpec
+
+    runner = ModelRunner.build(RunnerSpec(preset="small", seed=seed, num_slots=1, max_len=8))
+    save_checkpoint(runner.model, runner.cfg, out_dir)
+
+
+def run_hf(ckpt: str, batch: int, prompt_len: int, new_tokens: int, threads: int, repeat: int = 3) -> dict[str, Any]:
+    from transformers import DeepseekV3ForCausalLM
+
+    torch.set_num_threads(threads)
+    model = DeepseekV3ForCausalLM.from_pretrained(ckpt, torch_dtype=torch.float32).eval()
+    ids = torch.tensor(_prompts(batch, prompt_len, model.config.vocab_size))
+    kw = dict(do_sample=False, eos_token_id=None, pad_token_id=0)
+    from transformers.generation.streamers import BaseStreamer
+
+    class Clock(BaseStreamer):
+        """Timestamps generate()'s puts: the first is the prompt, the next ones are new tokens."""
+
+        def __init__(self) -> None:
+            self.puts: list[float] = []
+
+        def put(self, value: torch.Tensor) -> None:
+            self.puts.append(time.perf_counter())
+
+        def end(self) -> None:
+            pass
+
+    runs: list[tuple[float, float]] = []
+    with torch.no_grad():
+        model.generate(ids[:, :8], max_new_tokens=2, min_new_tokens=2, **kw)  # warm-up
+        for _ in range(repeat):  # best of `repeat`: the machine may be shared
+            clock = Clock()
+            t0 = time.perf_counter()
+            out = model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, streamer=clock, **kw)
+            t_end = time.perf_counter()
+            first = clock.puts[1]
+            runs.append((first - t0, batch * (new_tokens - 1) / max(t_end - first, 1e-9)))
+    return {
+        "ttft_s": min(r[0] for r in runs),
+        "decode_tps": max(r[1] for r in runs),
+        "peak_mb": _peak_rss_mb(),
+        "tokens": out[:, prompt_len:].tolist(),
+    }
+
+
+def run_engine(
+    ckpt: str, batch: int, prompt_len: int, new_tokens: int, tp: int, threads: int, repeat: int = 3
+) -> dict[str, Any]:
+    from model_shards.engine import LLMEngine
+    from model_shards.engine_api import GenerationRequest, SamplingParams
+    from model_shards.model_runner import LocalRunnerGroup, RunnerSpec
+    from model_shards.tokenizer import ByteTokenizer
+
+    spec = RunnerSpec(checkpoint=ckpt, num_slots=max(batch, 1), max_len=prompt_len + new_tokens + 8)
+    shard_peaks: list[float] = []
+    if tp == 1:
+        torch.set_num_threads(threads)
+        group: Any = LocalRunnerGroup.build(spec)
+    else:
+        import ray
+
+        from model_shards.shards import RayShardGroup
+
+        ray.init(num_cpus=max(tp, threads), include_dashboard=False, log_to_driver=False)
+        group = RayShardGroup.create(spec, tp=tp, num_cpus_per_shard=max(1, threads // tp))
+    prompts = _prompts(batch, prompt_len, group.cfg.vocab_size)
+
+    async def once(eng: Any, tag: str) -> tuple[float, float, list[list[int]]]:
+        """(mean TTFT, decode tokens/s, tokens) of one batch submitted at once."""
+        firsts: list[float] = []
+        toks: list[list[int]] = [[] for _ in prompts]
+        t0 = time.perf_counter()
+
+        async def one(i: int) -> None:
+            req = GenerationRequest(f"{tag}-{i}", prompts[i], SamplingParams(temperature=0.0, max_tokens=new_tokens))
+            async for ev in eng.generate(req):
+                if not toks[i]:
+                    firsts.append(time.perf_counter())
+                toks[i].append(ev.token_id)
+
+        await asyncio.gather(*(one(i) for i in range(batch)))
+        t_end = time.perf_counter()
+        ttft = sum(f - t0 for f in firsts) / len(firsts)
+        return ttft, batch * (new_tokens - 1) / max(t_end - max(firsts), 1e-9), toks
+
+    async def go() -> dict[str, Any]:
+        eng = LLMEngine(group, ByteTokenizer(), "small", stop_token_ids=[], prefix_reuse=False,
+                        max_prefill_tokens_per_step=max(512, batch * prompt_len))
+        await eng.complete(GenerationRequest("warm", prompts[0][:8], SamplingParams(temperature=0.0, max_tokens=2)))
+        runs = [await once(eng, f"run{k}") for k in range(repeat)]  # best of `repeat`: the machine may be shared
+        if tp > 1:
+            import ray
+
+            shard_peaks.extend(ray.get([a.peak_rss_mb.remote() for a in group.actors]))
+        await eng.close()
+        return {"ttft_s": min(r[0] for r in runs), "decode_tps": max(r[1] for r in runs), "tokens": runs[0][2]}
+
+    out = asyncio.run(go())
+    out["peak_mb"] = _peak_rss_mb() + sum(shard_peaks)  # driver plus every shard process
+    return out
+
+
+def _child(q: Any, fn: str, args: tuple) -> None:
+    try:
+        q.put(globals()[fn](*args))
+    except Exception as e:  # report the failure in the table instead of hanging the parent
+        q.put({"error": f"{type(e).__name__}: {e}"})
+
+
+def in_fresh_process(fn: str, *args: Any) -> dict[str, Any]:
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    p = ctx.Process(target=_child, args=(q, fn, args))
+    p.start()
+    res = q.get()
+    p.join()
+    return res
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32])
+    ap.add_argument("--prompt-len", type=int, default=64)
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--tp", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--threads", type=int, default=min(4, os.cpu_count() or 1))
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--repeat", type=int, default=3, help="timed runs per configuration; the best is reported")
+    ap.add_argument("--json", help="also write the results here")
+    a = ap.parse_args(argv)
+
+    rows: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory() as ckpt:
+        in_fresh_process("make_checkpoint", ckpt, a.seed)
+        for b in a.batches:
+            hf = in_fresh_process("run_hf", ckpt, b, a.prompt_len, a.new_tokens, a.threads, a.repeat)
+            rows.append({"system": "transformers generate", "tp": 1, "batch": b, **hf})
+            for tp in a.tp:
+                r = in_fresh_process("run_engine", ckpt, b, a.prompt_len, a.new_tokens, tp, a.threads, a.repeat)
+                if "tokens" in r and "tokens" in hf:
+                    same = sum(x == y for x, y in zip(r["tokens"], hf["tokens"]))
+                    r["same_as_hf"] = f"{same}/{b}"
+                rows.append({"system": "model_shards engine", "tp": tp, "batch": b, **r})
+            print(f"done batch {b}", file=sys.stderr, flush=True)
+
+    print(f"\nsmall preset, prompt {a.prompt_len} tokens, {a.new_tokens} new tokens, greedy, fp32, "
+          f"{a.threads} threads, best of {a.repeat} runs, torch {torch.__version__}, {os.cpu_count()} CPUs\n")
+    print("| system | TP | batch | TTFT (ms) | decode tok/s | peak RSS (MB) | greedy tokens equal to HF |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        if "error" in r:
+            print(f"| {r['system']} | {r['tp']} | {r['batch']} | error: {r['error']} | | | |")
+            continue
+        print(f"| {r['system']} | {r['tp']} | {r['batch']} | {r['ttft_s'] * 1000:.1f} | {r['decode_tps']:.1f} | "
+              f"{r['peak_mb']:.0f} | {r.get('same_as_hf', '-')} |")
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump([{k: v for k, v in r.items() if k != "tokens"} for r in rows], f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

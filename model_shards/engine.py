@@ -1,0 +1,382 @@
+"""LLMEngine: continuous-batching generation over a RunnerGroup (one process, torch.distributed, or Ray).
+
+A background asyncio task runs the step loop: ask the Scheduler for the next step, execute it on
+every rank, sample the finished rows (per-request seeded generators, grammar masks), stream each
+token to its request's queue, and free slots of finished requests so waiting ones join the batch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from model_shards.engine_api import (
+    Constraint,
+    GenerationRequest,
+    GenerationResult,
+    SamplingParams,
+    TokenEvent,
+    Tokenizer,
+    collect,
+)
+from model_shards.model_runner import RunnerGroup, RunnerSpec
+from model_shards.scheduler import ScheduledStep, Scheduler
+from model_shards.tokenizer import StreamDecoder
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Request:
+    req: GenerationRequest
+    queue: asyncio.Queue
+    generator: torch.Generator | None
+    matcher: Any = None
+    decoder: StreamDecoder | None = None
+    text: str = ""  # decoded completion so far
+    emitted: int = 0  # characters of `text` already sent
+    completion_tokens: int = 0
+    done: bool = False
+    stop: list[str] = field(default_factory=list)
+
+
+def _held_back(text: str, stops: list[str]) -> int:
+    """Length of the longest suffix of `text` that could still grow into a stop string."""
+    best = 0
+    for s in stops:
+        for k in range(min(len(s) - 1, len(text)), best, -1):
+            if text.endswith(s[:k]):
+                best = k
+                break
+    return best
+
+
+class LLMEngine:
+    """Implements model_shards.engine_api.Engine.
+
+    Args:
+        runners: the model replica (LocalRunnerGroup, RayShardGroup, ...).
+        tokenizer: decodes streamed tokens and compiles grammars.
+        max_slots: most concurrent sequences (<= the runners' cache slots).
+        max_len: most tokens per sequence, prompt included (<= the runners' cache length).
+        max_prefill_tokens_per_step: prompt tokens per step (chunked prefill budget).
+        prefix_reuse / min_prefix_reuse: copy cached prompt prefixes between slots.
+        stop_token_ids: ids that end a request (default: the tokenizer's stop ids or its eos).
+    """
+
+    def __init__(
+        self,
+        runners: RunnerGroup,
+        tokenizer: Tokenizer,
+        model_name: str,
+        max_slots: int | None = None,
+        max_len: int | None = None,
+        max_prefill_tokens_per_step: int = 512,
+        prefix_reuse: bool = True,
+        min_prefix_reuse: int = 16,
+        stop_token_ids: list[int] | None = None,
+    ) -> None:
+        max_slots = runners.num_slots if max_slots is None else max_slots
+        max_len = runners.max_len if max_len is None else max_len
+        if max_slots > runners.num_slots:
+            raise ValueError(f"max_slots={max_slots} exceeds the runners' {runners.num_slots} cache slots")
+        if max_len > runners.max_len:
+            raise ValueError(f"max_len={max_len} exceeds the runners' cache length {runners.max_len}")
+        if tokenizer.vocab_size > runners.cfg.vocab_size:
+            raise ValueError(
+                f"tokenizer vocab_size {tokenizer.vocab_size} exceeds the model's vocab_size {runners.cfg.vocab_size}"
+            )
+        self.runners = runners
+        self.tokenizer = tokenizer
+        self.model_name = model_name
+        self.max_context = max_len
+        self.vocab_size = runners.cfg.vocab_size
+        self.scheduler = Scheduler(max_slots, max_len, max_prefill_tokens_per_step, prefix_reuse, min_prefix_reuse)
+        ids = stop_token_ids if stop_token_ids is not None else getattr(tokenizer, "stop_ids", [tokenizer.eos_id])
+        self.stop_token_ids: set[int] = set(ids)
+        self._requests: dict[str, _Request] = {}
+        self._grammars: Any = None
+        self._wake: asyncio.Event | None = None
+        self._loop_task: asyncio.Task | None = None
+        self._step_lock: asyncio.Lock | None = None
+        self._closed = False
+        self.steps = 0  # steps executed (a metric; tests read it)
+
+    # ---- public API ----------------------------------------------------------------------------
+    async def generate(self, req: GenerationRequest) -> AsyncIterator[TokenEvent]:
+        """Stream the request's tokens; closing the generator early aborts it and frees its slot."""
+        st = await self._add(req)
+        try:
+            while True:
+                ev = await st.queue.get()
+                if isinstance(ev, BaseException):
+                    raise ev
+                yield ev
+                if ev.finished:
+                    return
+        finally:
+            if not st.done:
+                st.done = True
+                self._requests.pop(req.request_id, None)
+                self.scheduler.abort(req.request_id)
+                if self._wake is not None:
+                    self._wake.set()
+
+    async def complete(self, req: GenerationRequest) -> GenerationResult:
+        gen = self.generate(req)
+        try:
+            return await collect(gen, req.request_id, len(req.prompt_ids))
+        finally:
+            await gen.aclose()
+
+    async def update_weights(self, tensors: Mapping[str, torch.Tensor]) -> None:
+        """Load new HF-named weights into every rank between two steps; running requests continue."""
+        self._ensure_loop()
+        assert self._step_lock is not None
+        async with self._step_lock:
+            await self.runners.update_weights(tensors)
+            # Cached latents of finished requests were computed with the old weights.
+            self.scheduler.invalidate_prefix_cache()
+
+    def stats(self) -> dict[str, int]:
+        """Queue and cache occupancy (for dashboards and load balancing)."""
+        s = self.scheduler
+        return {
+            "running": len(s.running),
+            "waiting": len(s.waiting),
+            "free_slots": s.num_free_slots(),
+            "steps": self.steps,
+            "reused_prefix_tokens": s.reused_tokens,
+        }
+
+    async def close(self) -> None:
+        self._closed = True
+        if self._loop_task is not None:
+            self._loop_task.cancel()
+            try:
+                await self._loop_task
+            except (asyncio.CancelledError, Exception):
+                pass
+        for st in list(self._requests.values()):
+            st.queue.put_nowait(RuntimeError("engine closed"))
+        self._requests.clear()
+        await self.runners.close()
+
+    # ---- requests ------------------------------------------------------------------------------
+    def _validate(self, req: GenerationRequest) -> None:
+        if not isinstance(req.params, SamplingParams):
+            raise TypeError(f"request {req.request_id!r}: params must be SamplingParams, got {type(req.params).__name__}")
+        if req.request_id in self._requests:
+            raise ValueError(f"request_id {req.request_id!r} is already running")
+        bad = [t for t in req.prompt_ids if not 0 <= t < self.vocab_size]
+        if bad:
+            raise ValueError(f"request {req.request_id!r}: prompt token ids {bad[:5]} are outside [0, {self.vocab_size})")
+        if req.constraint is not None and not isinstance(req.constraint, Constraint):
+            raise TypeError(f"request {req.request_id!r}: constraint must be a Constraint")
+
+    async def _add(self, req: GenerationRequest) -> _Request:
+        if self._closed:
+            raise RuntimeError("the engine is closed")
+        self._validate(req)
+        self._ensure_loop()
+        matcher = None
+        if req.constraint is not None:
+            # Building the token table and compiling a grammar can take a while on a big vocabulary:
+            # do it off the event loop so running streams keep flowing.
+            matcher = await asyncio.to_thread(self._matcher, req.constraint)
+        gen = None
+        if req.params.seed is not None:
+            gen = torch.Generator(device="cpu").manual_seed(int(req.params.seed))
+        st = _Request(
+            req=req,
+            queue=asyncio.Queue(),
+            generator=gen,
+            matcher=matcher,
+            decoder=StreamDecoder(self.tokenizer),
+            stop=[s for s in req.params.stop if s],
+        )
+        self.scheduler.add(req.request_id, req.prompt_ids)
+        self._requests[req.request_id] = st
+        assert self._wake is not None
+        self._wake.set()
+        return st
+
+    def _matcher(self, constraint: Constraint) -> Any:
+        if self._grammars is None:
+            from model_shards.structured import GrammarCache
+
+            # Masks are as wide as the model's logits, which may exceed the tokenizer's vocabulary.
+            self._grammars = GrammarCache(self.tokenizer, vocab_size=self.vocab_size)
+        return self._grammars.matcher(constraint)
+
+    # ---- the step loop -------------------------------------------------------------------------
+    def _ensure_loop(self) -> None:
+        if self._loop_task is None or self._loop_task.done():
+            self._wake = asyncio.Event()
+            self._step_lock = asyncio.Lock()
+            self._loop_task = asyncio.get_running_loop().create_task(self._run())
+
+    async def _run(self) -> None:
+        assert self._wake is not None and self._step_lock is not None
+        while not self._closed:
+            if not self.scheduler.has_work():
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            async with self._step_lock:
+                ran = await self._step()
+            if not ran:
+                # Nothing runnable (only aborted requests were left): wait for news instead of spinning.
+                self._wake.clear()
+                if self.scheduler.has_work():
+                    await self._wake.wait()
+            await asyncio.sleep(0)  # let consumers read and new requests arrive between steps
+
+    async def _step(self) -> bool:
+        step = self.scheduler.schedule()
+        if step is None:
+            return False
+        try:
+            logits = await self.runners.execute(step.to_input())
+        except Exception as e:  # a dead shard, a bad checkpoint: fail the requests, keep serving
+            log.exception("engine step failed")
+            self._fail_running(e)
+            return True
+        self.scheduler.commit(step)
+        self.steps += 1
+        try:
+            self._sample_and_emit(step, logits)
+        except Exception as e:
+            log.exception("sampling failed")
+            self._fail_running(e)
+        return True
+
+    def _fail_running(self, err: Exception) -> None:
+        for seq in list(self.scheduler.running) + list(self.scheduler.waiting):
+            st = self._requests.pop(seq.request_id, None)
+            self.scheduler.finish(seq.request_id)
+            if st is not None and not st.done:
+                st.done = True
+                st.queue.put_nowait(RuntimeError(f"engine step failed: {err}"))
+
+    def _sample_and_emit(self, step: ScheduledStep, logits: torch.Tensor) -> None:
+        from model_shards.sampling import sample
+
+        rows: list[int] = []
+        states: list[_Request] = []
+        for i, e in enumerate(step.entries):
+            st = self._requests.get(e.seq.request_id)
+            if e.sample and st is not None and not st.done and not e.seq.aborted:
+                rows.append(i)
+                states.append(st)
+        if not rows:
+            return
+        sel = logits[rows]
+        allowed = None
+        if any(st.matcher is not None for st in states):
+            allowed = torch.ones(len(rows), self.vocab_size, dtype=torch.bool)
+            for k, st in enumerate(states):
+                if st.matcher is not None:
+                    allowed[k] = False
+                    st.matcher.fill_allowed(allowed[k])
+        token_ids, logprobs = sample(sel, [st.req.params for st in states], [st.generator for st in states], allowed)
+        for k, st in enumerate(states):
+            self._on_token(st, int(token_ids[k]), float(logprobs[k]))
+
+    def _on_token(self, st: _Request, tok: int, logprob: float) -> None:
+        rid = st.req.request_id
+        params = st.req.params
+        seq = self.scheduler.append_token(rid, tok)
+        st.completion_tokens += 1
+        reason: str | None = None
+        flush = False  # the request ends without a stop string: emit everything still held back
+        if st.matcher is not None:
+            st.matcher.accept(tok)
+        if tok in self.stop_token_ids:
+            reason, flush = "stop", True
+        else:
+            assert st.decoder is not None
+            st.text += st.decoder.push(tok)
+            cut = self._find_stop(st)
+            if cut >= 0:
+                st.text = st.text[:cut]
+                reason = "stop"
+        if reason is None:
+            if st.matcher is not None and st.matcher.is_terminated():
+                reason, flush = "stop", True
+            elif st.completion_tokens >= params.max_tokens or seq.num_tokens >= self.max_context:
+                reason, flush = "length", True
+        if flush:
+            assert st.decoder is not None
+            st.text += st.decoder.flush()
+        end = len(st.text) if reason is not None else len(st.text) - _held_back(st.text, st.stop)
+        delta = st.text[st.emitted : end] if end > st.emitted else ""
+        st.emitted = max(st.emitted, end)
+        ev = TokenEvent(
+            request_id=rid,
+            token_id=tok,
+            text=delta,
+            logprob=logprob if params.logprobs else None,
+            finished=reason is not None,
+            finish_reason=reason,
+        )
+        st.queue.put_nowait(ev)
+        if reason is not None:
+            st.done = True
+            self._requests.pop(rid, None)
+            self.scheduler.finish(rid)
+
+    @staticmethod
+    def _find_stop(st: _Request) -> int:
+        """Index in st.text where the earliest stop string starts, or -1."""
+        if not st.stop:
+            return -1
+        longest = max(len(s) for s in st.stop)
+        # Only text that arrived since the last emit (plus a stop's length back) can hold a new match.
+        start = max(0, st.emitted - longest)
+        hits = [i for i in (st.text.find(s, start) for s in st.stop) if i >= 0]
+        return min(hits) if hits else -1
+
+
+def build_engine(
+    spec: RunnerSpec,
+    tp: int = 1,
+    *,
+    tokenizer: str = "byte",
+    model_name: str = "kimi-k2",
+    use_ray: bool = True,
+    num_cpus_per_shard: float = 1.0,
+    **engine_kwargs: Any,
+) -> LLMEngine:
+    """An LLMEngine over a model built from `spec`: in this process for tp == 1; else T Ray shards
+    (use_ray) or T local processes joined by torch.distributed (this process is rank 0).
+
+    tokenizer: "byte", "byte:VOCAB", or a directory with Kimi's tiktoken.model.
+    """
+    from model_shards.model_runner import LocalRunnerGroup
+    from model_shards.tokenizer import load_tokenizer
+
+    if tp < 1:
+        raise ValueError(f"tp must be >= 1, got {tp}")
+    tok = load_tokenizer(tokenizer)
+    runners: RunnerGroup
+    if tp == 1:
+        runners = LocalRunnerGroup.build(spec)
+    elif use_ray:
+        import ray
+
+        from model_shards.shards import RayShardGroup
+
+        if not ray.is_initialized():
+            ray.init()
+        runners = RayShardGroup.create(spec, tp, num_cpus_per_shard=num_cpus_per_shard)
+    else:
+        from model_shards.model_runner import DistributedRunnerGroup
+
+        runners = DistributedRunnerGroup(spec, tp, threads_per_rank=int(max(1, num_cpus_per_shard)))
+    return LLMEngine(runners, tok, model_name, **engine_kwargs)
