@@ -373,8 +373,55 @@ def corpus(
     console.print(str(path), highlight=False)
 
 
-# ---- command groups added by other packages (one line each) ----------------------------------
-# app.add_typer(model_app, name="model")
+# ---- command groups -------------------------------------------------------------------------
+model_app = typer.Typer(help="Serve and manage the Kimi-K2-architecture model engine (model_shards).", no_args_is_help=True)
+app.add_typer(model_app, name="model")
+
+
+@model_app.command("serve")
+def model_serve(
+    preset: Optional[str] = typer.Option(None, "--preset", help="random-initialised preset: tiny, small, kimi-k2"),
+    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="HF-layout safetensors checkpoint directory"),
+    tp: int = typer.Option(1, "--tp", min=1, help="tensor-parallel shards (Ray actors in one STRICT_PACK group)"),
+    host: str = typer.Option("127.0.0.1", "--host"),
+    port: int = typer.Option(8000, "--port"),
+    no_ray: bool = typer.Option(False, "--no-ray", help="run in this process (tp must be 1)"),
+    tokenizer: Optional[str] = typer.Option(None, "--tokenizer", help='"byte", "byte:VOCAB" or a dir with tiktoken.model'),
+    model_name: Optional[str] = typer.Option(None, "--model-name", help="the name clients send as `model`"),
+    num_slots: int = typer.Option(64, "--num-slots", min=1, help="concurrent sequences (KV-cache slots)"),
+    max_len: int = typer.Option(2048, "--max-len", min=16, help="context length per slot"),
+    dtype: str = typer.Option("float32", "--dtype", help="float32, bfloat16 or float16"),
+    device: str = typer.Option("cpu", "--device", help="cpu or cuda"),
+) -> None:
+    """Serve a model over the OpenAI chat API (`/v1/chat/completions`) on HOST:PORT."""
+    if (preset is None) == (checkpoint is None):
+        fail("give exactly one of --preset or --checkpoint", EXIT_USAGE)
+    if checkpoint is not None and not (checkpoint / "config.json").is_file():
+        fail(f"{checkpoint} is not a checkpoint directory (no config.json in it)", EXIT_USAGE)
+    if no_ray and tp != 1:
+        fail("--no-ray runs one process: use --tp 1, or drop --no-ray", EXIT_USAGE)
+    if dtype not in ("float32", "bfloat16", "float16"):
+        fail(f"--dtype must be float32, bfloat16 or float16, got {dtype!r}", EXIT_USAGE)
+    from model_shards.serve import serve as serve_model
+
+    console.print(
+        f"serving {'preset ' + preset if preset else checkpoint} with TP={tp} on http://{host}:{port}/v1",
+        highlight=False,
+    )
+    serve_model(
+        preset,
+        str(checkpoint) if checkpoint else None,
+        tp,
+        host,
+        port,
+        use_ray=not no_ray,
+        tokenizer=tokenizer,
+        model_name=model_name,
+        num_slots=num_slots,
+        max_len=max_len,
+        dtype=dtype,
+        device=device,
+    )
 
 
 def main() -> None:

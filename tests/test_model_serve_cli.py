@@ -1,0 +1,65 @@
+"""`swarm model serve` as an operator runs it: a real subprocess serving the tiny preset, queried
+with the official openai client, then pointed at by the swarm's own OpenAI backend."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+import openai
+import pytest
+
+from swarm.llm import ChatMessage
+from swarm.llm_openai import OpenAIChatClient
+from swarm.plans import LLMConfig
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_model_serve_answers_openai_clients(tmp_path):
+    port = _free_port()
+    log = open(tmp_path / "serve.log", "w")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "swarm.cli", "model", "serve", "--preset", "tiny", "--no-ray", "--port", str(port),
+         "--max-len", "512", "--num-slots", "4"],
+        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    try:
+        base = f"http://127.0.0.1:{port}/v1"
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None, (tmp_path / "serve.log").read_text()
+            try:
+                if httpx.get(f"{base}/models", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, "server did not come up"
+            time.sleep(0.5)
+        client = openai.OpenAI(base_url=base, api_key="unused")
+        model = client.models.list().data[0].id
+        out = client.chat.completions.create(
+            model=model, messages=[{"role": "user", "content": "hello"}], max_tokens=8, temperature=0, seed=1
+        )
+        assert out.choices[0].finish_reason in ("stop", "length")
+        assert out.usage.completion_tokens >= 1 and out.usage.prompt_tokens > 1
+        # The swarm's own backend talks to it too.
+        llm = OpenAIChatClient(LLMConfig(base_url=base, model=model, max_tokens=8, temperature=0.0))
+        res = asyncio.run(llm.chat([ChatMessage(role="user", content="hi")]))
+        assert res.usage.completion_tokens >= 1
+        with pytest.raises(openai.NotFoundError):
+            client.chat.completions.create(model="no-such-model", messages=[{"role": "user", "content": "x"}])
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
+        log.close()
