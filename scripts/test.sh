@@ -3,4 +3,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh test
+# Debian Chromium + Playwright for the dashboard's browser tests (no browser download).
+bash scripts/install_browser.sh
 exec "${PYTHON:-python3}" -m pytest -q "$@"

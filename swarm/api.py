@@ -154,8 +154,18 @@ def create_app(settings: Settings, runtime: SwarmRuntime | None = None, service:
         lifespan=lifespan,
         default_response_class=JSONBody,
     )
+    from dashboards.app import DASHBOARD_OPEN_PATHS, dashboard_router
+
     if settings.api_token:
-        app.add_middleware(BearerAuth, token=settings.api_token)
+        # The dashboard's page shell loads without a token (it asks for one); its data calls need it.
+        app.add_middleware(BearerAuth, token=settings.api_token, open_paths=("/healthz", *DASHBOARD_OPEN_PATHS))
+    app.include_router(dashboard_router(settings))
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(request: Request, exc: RequestValidationError) -> JSONBody:
+        # Bad query or path parameters get the same error shape as every other error (a sentence).
+        errors = [{"loc": _loc(tuple(err["loc"])), "msg": err["msg"], "type": err["type"]} for err in exc.errors()]
+        return _error(422, "invalid request: " + "; ".join(f"{x['loc']}: {x['msg']}" for x in errors), errors=errors)
 
     def svc_of(request: Request) -> JobService:
         return request.app.state.service
