@@ -268,7 +268,7 @@ class ToolCallsTestPolicy:
 
 
 class SwarmHostTestDouble:
-    """Test double of the job actor: records launched nodes and completes them at once."""
+    """Test double of the job (swarm.job_host.Job) the orchestrator runs in: records launched nodes and completes them at once."""
 
     def __init__(self, budget: int = 100) -> None:
         self.graph = nx.DiGraph()

@@ -102,14 +102,14 @@ def _eventually(pred, timeout: float = 20.0) -> bool:
 def test_job_whose_actor_dies_is_marked_interrupted(runtime, tmp_path) -> None:
     import ray
 
-    from swarm.runtime import job_actor_name
     from tests.test_api import slow_job
 
     settings = Settings(db_path=str(tmp_path / "jobs.db"))
     with LiveServer(create_app(settings, runtime=runtime)) as srv, httpx.Client(base_url=srv.url, timeout=30) as c:
         job_id = c.post("/jobs", json=slow_job("doomed")).json()["id"]
         wait_state(c, job_id, {"running"})
-        ray.kill(ray.get_actor(job_actor_name(job_id), namespace=runtime.namespace))
+        # The job runs inside a job host actor; killing the host loses the job (and its events).
+        ray.kill(ray.get_actor(runtime.host_of(job_id), namespace=runtime.namespace))
         st = wait_state(c, job_id, timeout=30)
         assert st["state"] == "interrupted" and "actor disappeared" in st["error"]
         evs = _events(c, job_id)  # the stream still ends, with the recorded interruption

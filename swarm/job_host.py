@@ -1,10 +1,15 @@
-"""The job actor: one detached async Ray actor per job that runs it and owns all of its events.
+"""Job hosts: a few long-lived async Ray actors ("swarm-jobhost-<i>") that each run many jobs.
 
-It schedules DAG nodes eagerly (a node starts the moment its dependencies finish, no superstep
+A job is an in-process object (Job) inside its host; the host owns the job's events. The job schedules DAG nodes eagerly (a node starts the moment its dependencies finish, no superstep
 barrier), dispatches each attempt to a shared worker, retries failed sub-agents with exponential
 backoff, re-dispatches the sub-agents of a worker that died, hands out the job-wide tool budget,
 enforces the job timeout and cancellation, and numbers every event (seq 1, 2, 3, ...). In
-orchestrator mode it also runs the orchestrator agent (swarm.orchestrator) in its own event loop.
+orchestrator mode it also runs the orchestrator agent (swarm.orchestrator) in the host's event loop.
+
+A host replaces the former one-actor-per-job design: starting a job is a method call, not a new
+process, and 50 concurrent jobs cost no extra processes. Workers receive the job-level settings once
+(open_job), stream a job's events in batches shared by all of its runs on that worker, and lease the
+job-wide tool budget in small blocks (returned unused with the run's result).
 """
 
 from __future__ import annotations
@@ -12,7 +17,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from dataclasses import dataclass
+import uuid
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import networkx as nx
@@ -40,17 +46,21 @@ from swarm.events import (
 from swarm.llm import ChatMessage, LLMClient, LLMError
 from swarm.orchestrator import Orchestrator, SubAgentOutcome
 from swarm.plans import JobMetrics, JobSpec, JobState, LLMConfig, SubAgentSpec, ToolsConfig
-from swarm.worker_pool import SubAgentRun, SubAgentRunResult, WorkerPool
+from swarm.worker_pool import JobContext, SubAgentRun, SubAgentRunResult, WorkerPool
 from workers.tools.registry import ToolRegistry
 
 log = logging.getLogger(__name__)
 
-JOB_ACTOR_MAX_CONCURRENCY = 2000
+JOB_HOST_PREFIX = "swarm-jobhost-"
+# Long polls, event pushes and budget leases of many jobs run concurrently in one host.
+JOB_HOST_MAX_CONCURRENCY = 10_000
 # A sub-agent whose workers keep dying is given up after this many re-dispatches.
 MAX_REDISPATCHES = 10
 # How long a cancelled node waits for its worker to confirm that the agent and its tools stopped.
 CANCEL_CONFIRM_S = 5.0
 MAX_EVENTS_PER_POLL = 5000
+# How long a cancelled run's tool lease may take to be settled by its worker before it counts as used.
+LEASE_SETTLE_S = 1.0
 
 AGGREGATOR_SYSTEM_PROMPT = (
     "You are the orchestrator of an agent swarm. Sub-agents worked on parts of a task in parallel; "
@@ -65,8 +75,16 @@ class JobFailure(RuntimeError):
     """The job cannot succeed; the message is the job's error."""
 
 
+# A run leases at most this many tool calls at a time (fewer when the budget runs low).
+TOOL_LEASE_BLOCK = 16
+
+
+def job_host_name(index: int) -> str:
+    return f"{JOB_HOST_PREFIX}{index}"
+
+
 @dataclass
-class JobActorConfig:
+class JobConfig:
     job_id: str
     spec: JobSpec
     known_tools: list[str]
@@ -74,6 +92,7 @@ class JobActorConfig:
     namespace: str
     llm_factory: Callable[[LLMConfig], LLMClient]
     registry_factory: Callable[[ToolsConfig], ToolRegistry]
+    worker_options: dict[str, Any] = field(default_factory=dict)  # placement of worker actors
 
 
 @dataclass
@@ -115,8 +134,10 @@ def _error_text(err: BaseException) -> str:
     return f"{type(err).__name__}: {err}".strip()
 
 
-class JobActor:
-    def __init__(self, config: JobActorConfig) -> None:
+class Job:
+    """One job inside its host: runs it and owns its events. Not an actor; see JobHost."""
+
+    def __init__(self, config: JobConfig, host: Any, host_name: str) -> None:
         self._cfg = config
         self._spec = config.spec
         self._limits = config.spec.limits
@@ -127,8 +148,10 @@ class JobActor:
         self._nodes: dict[str, _Node] = {}
         self.graph: nx.DiGraph = nx.DiGraph()
         self._runs: dict[str, _Node] = {}  # live attempt token -> node
-        self._pool = WorkerPool(config.num_workers, config.namespace)
-        self._tool_calls = 0
+        self._pool = WorkerPool(config.num_workers, config.namespace, config.worker_options)
+        self._tool_calls = 0  # leased to runs, minus what they gave back unused
+        self._leases: dict[str, int] = {}  # run token -> calls leased to it and not yet settled
+        self._settled = asyncio.Event()  # set (and replaced) whenever a lease is settled
         self._orchestrator_steps = 0
         self._retries = 0
         self._tokens = [0, 0]
@@ -137,7 +160,10 @@ class JobActor:
         self._exec: asyncio.Task[str] | None = None
         self._cancel_requested = False
         self._llm: LLMClient | None = None
-        self._handle: Any = None
+        self._host = host  # the host's own handle: workers push events and lease budget through it
+        self._host_name = host_name
+        self._released = False
+        self._instance = uuid.uuid4().hex
         self.emit(JobSubmitted(name=self._spec.name, mode=self._spec.mode, spec=redacted_spec(self._spec)))
 
     # ---- events -------------------------------------------------------------------------------
@@ -168,35 +194,63 @@ class JobActor:
             if len(self._events) > after:
                 return self._events[after : after + MAX_EVENTS_PER_POLL]
             remaining = deadline - time.monotonic()
-            if self._finished or remaining <= 0:
+            if self._finished or self._released or remaining <= 0:
                 return []
             try:
                 await asyncio.wait_for(self._changed.wait(), remaining)
             except asyncio.TimeoutError:
                 return []
 
-    async def push_events(self, token: str, events: list[_Event]) -> None:
+    def push_events(self, token: str, events: list[_Event]) -> None:
         """Events of a running attempt, from its worker; a stale attempt's events are dropped."""
         if token not in self._runs:
             return
         for ev in events:
             self.emit(ev)
 
-    async def acquire_tool_call(self, token: str) -> bool:
-        """One call from the job-wide tool budget (limits.max_tool_calls)."""
-        if token not in self._runs or self._tool_calls >= self._limits.max_tool_calls:
-            return False
-        self._tool_calls += 1
-        return True
+    def lease_tool_calls(self, token: str, want: int) -> int:
+        """Grant up to `want` calls of the job-wide budget (limits.max_tool_calls) to a live run.
+
+        Blocks shrink as the budget runs low (a share of what is left per live run, at least 1), so
+        one run cannot sit on calls another needs; unused calls come back with the run's result."""
+        left = self._limits.max_tool_calls - self._tool_calls
+        if token not in self._runs or left <= 0 or want <= 0:
+            return 0
+        share = max(1, left // (2 * max(1, len(self._runs))))
+        grant = min(want, left, share)
+        self._tool_calls += grant
+        self._leases[token] = self._leases.get(token, 0) + grant
+        return grant
+
+    def return_tool_calls(self, token: str, unused: int) -> None:
+        """Settle a run's lease: its unused calls go back to the budget (once; later calls are no-ops).
+        A run lost with its worker never settles, so its whole lease counts as used."""
+        self._tool_calls -= max(0, min(unused, self._leases.pop(token, 0)))
+        settled, self._settled = self._settled, asyncio.Event()
+        settled.set()
 
     def tool_budget_left(self) -> int:
         return max(0, self._limits.max_tool_calls - self._tool_calls)
 
     # ---- lifecycle ----------------------------------------------------------------------------
 
-    async def start(self) -> None:
+    def start(self) -> None:
         if self._main is None and not self._finished:
             self._main = asyncio.create_task(self._run_job())
+
+    def discard(self) -> None:
+        """Drop the job from its host (release): stop whatever still runs and wake long polls."""
+        self._released = True
+        if self._main is not None and not self._main.done():
+            self._cancel_requested = True
+            if self._exec is not None:
+                self._exec.cancel()
+            self._main.cancel()
+        for t in [n.task for n in self._nodes.values() if n.task is not None and not n.task.done()]:
+            t.cancel()
+        self._pool.close_job(self._job_id, self._instance)
+        changed, self._changed = self._changed, asyncio.Event()
+        changed.set()
 
     async def cancel(self) -> None:
         """Stop every sub-agent and tool; returns once the job has finished as cancelled."""
@@ -246,6 +300,7 @@ class JobActor:
     def _finish(self, state: JobState, result: str | None, error: str | None) -> None:
         self.emit(JobFinished(state=state, result=result, error=error, metrics=self._metrics()))
         self._finished = True
+        self._pool.close_job(self._job_id, self._instance)  # workers drop this job's clients and registries
 
     async def _stop_nodes(self) -> None:
         tasks = [n.task for n in self._nodes.values() if n.task is not None and not n.task.done()]
@@ -318,7 +373,7 @@ class JobActor:
             ChatMessage(role="system", content=AGGREGATOR_SYSTEM_PROMPT),
             ChatMessage(role="user", content=f"{plan.aggregate_prompt.strip() or DEFAULT_AGGREGATE_PROMPT}\n\n{body}"),
         ]
-        self.emit(SubAgentStarted(agent_id=ORCHESTRATOR_ID, worker="job-actor"))
+        self.emit(SubAgentStarted(agent_id=ORCHESTRATOR_ID, worker=self._host_name))
         try:
             res = await self._get_llm().chat(
                 messages, temperature=self._spec.llm.temperature, max_tokens=self._spec.llm.max_tokens
@@ -347,7 +402,7 @@ class JobActor:
         return msg.content or ""
 
     async def _execute_orchestrator(self) -> str:
-        self.emit(SubAgentStarted(agent_id=ORCHESTRATOR_ID, worker="job-actor"))
+        self.emit(SubAgentStarted(agent_id=ORCHESTRATOR_ID, worker=self._host_name))
         try:
             orch = Orchestrator(self._spec, self._get_llm(), self, self._cfg.known_tools)
             out = await orch.run()
@@ -429,6 +484,14 @@ class JobActor:
             ray.cancel(ref)
             # Wait (bounded) for the worker to unwind the agent, which kills running tools.
             await asyncio.wait([asyncio.wrap_future(ref.future())], timeout=CANCEL_CONFIRM_S)
+            # The worker settles the run's tool lease on the side (its result never comes): wait
+            # briefly, so that the job's tool_calls count what was used, not what was leased.
+            deadline = time.monotonic() + LEASE_SETTLE_S
+            while token in self._leases and (left := deadline - time.monotonic()) > 0:
+                try:
+                    await asyncio.wait_for(self._settled.wait(), left)
+                except asyncio.TimeoutError:
+                    break
 
     async def _dispatch(self, node: _Node, message: str) -> SubAgentOutcome:
         """Run attempts until one succeeds or the retries are spent; re-dispatch on worker death."""
@@ -445,22 +508,27 @@ class JobActor:
             node.token = token
             self._runs[token] = node
             self.emit(SubAgentStarted(agent_id=spec.id, attempt=attempt, worker=slot.name))
+            # Only the node travels with each run; the job-level settings went once per worker.
             run = SubAgentRun(
                 job_id=self._job_id,
+                instance=self._instance,
                 token=token,
                 spec=spec,
                 task_message=message,
                 max_steps=min(spec.max_steps, lim.subagent_max_steps),
                 tool_timeout_s=lim.tool_timeout_s,
-                llm_config=self._spec.llm,
-                tools_config=self._spec.tools,
-                llm_factory=self._cfg.llm_factory,
-                registry_factory=self._cfg.registry_factory,
-                job=self._self_handle(),
+                tool_lease=self.lease_tool_calls(token, TOOL_LEASE_BLOCK) if spec.tools else 0,
             )
             try:
-                node.ref = slot.handle.run_subagent.remote(run)
-                res: SubAgentRunResult = await node.ref
+                while True:
+                    await self._pool.open_job(slot, self._job_context)
+                    node.ref = slot.handle.run_subagent.remote(run)
+                    res: SubAgentRunResult = await node.ref
+                    if not res.needs_open:
+                        break
+                    self._pool.forget_open(slot, self._job_id)  # the worker lost the job's settings
+                self.push_events(token, res.events)  # its tail, before the job reacts to its end
+                self.return_tool_calls(token, res.unused_tool_calls)
             except RayActorError as e:
                 self._runs.pop(token, None)
                 node.ref = node.token = None
@@ -505,10 +573,16 @@ class JobActor:
             self.emit(SubAgentRetried(agent_id=spec.id, attempt=attempt + 1, delay_s=delay, reason=res.error))
             await asyncio.sleep(delay)
 
-    def _self_handle(self) -> Any:
-        if self._handle is None:
-            self._handle = ray.get_runtime_context().current_actor
-        return self._handle
+    def _job_context(self) -> JobContext:
+        return JobContext(
+            job_id=self._job_id,
+            instance=self._instance,
+            llm_config=self._spec.llm,
+            tools_config=self._spec.tools,
+            llm_factory=self._cfg.llm_factory,
+            registry_factory=self._cfg.registry_factory,
+            host=self._host,
+        )
 
     def _fail_node(self, node: _Node, attempt: int, error: str) -> SubAgentOutcome:
         node.state = "failed"
@@ -516,4 +590,77 @@ class JobActor:
         return SubAgentOutcome(False, error)
 
 
-JobActorRemote = ray.remote(JobActor)
+class JobHost:
+    """A long-lived async actor that runs many jobs (Job objects) and answers for them by job id.
+
+    Methods that name an unknown job answer None/False/0 rather than raising, so the runtime can
+    tell "not on this host" from "host dead" (a RayActorError)."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self._jobs: dict[str, Job] = {}
+        self._handle: Any = None
+
+    def _self(self) -> Any:
+        if self._handle is None:
+            self._handle = ray.get_runtime_context().current_actor
+        return self._handle
+
+    async def ping(self) -> str:
+        return self.name
+
+    async def start_job(self, config: JobConfig) -> None:
+        if config.job_id in self._jobs:
+            raise ValueError(f"job {config.job_id!r} already runs on {self.name}")
+        job = Job(config, self._self(), self.name)
+        self._jobs[config.job_id] = job
+        job.start()
+
+    async def has_job(self, job_id: str) -> bool:
+        return job_id in self._jobs
+
+    async def list_jobs(self) -> list[str]:
+        return list(self._jobs)
+
+    async def events_after(self, job_id: str, after_seq: int, timeout_s: float) -> list[Event] | None:
+        job = self._jobs.get(job_id)
+        return None if job is None else await job.events_after(after_seq, timeout_s)
+
+    async def cancel(self, job_id: str) -> bool:
+        job = self._jobs.get(job_id)
+        if job is None:
+            return False
+        await job.cancel()
+        return True
+
+    async def release(self, job_id: str) -> bool:
+        job = self._jobs.pop(job_id, None)
+        if job is None:
+            return False
+        job.discard()
+        return True
+
+    async def push_events(self, job_id: str, batch: list[tuple[str, list[_Event]]]) -> None:
+        """Events of one worker's runs of a job, grouped by run token, in emission order."""
+        job = self._jobs.get(job_id)
+        if job is None:
+            return
+        for token, events in batch:
+            job.push_events(token, events)
+
+    async def lease_tool_calls(self, job_id: str, token: str, want: int) -> int:
+        job = self._jobs.get(job_id)
+        return 0 if job is None else job.lease_tool_calls(token, want)
+
+    async def return_tool_calls(self, job_id: str, token: str, unused: int) -> None:
+        job = self._jobs.get(job_id)
+        if job is not None:
+            job.return_tool_calls(token, unused)
+
+    async def warm_workers(self, num_workers: int, namespace: str, worker_options: dict[str, Any]) -> list[str]:
+        """Start the shared workers ahead of the first job (so it does not pay their start-up)."""
+        pool = WorkerPool(num_workers, namespace, worker_options)
+        return await pool.warm()
+
+
+JobHostRemote = ray.remote(JobHost)
