@@ -34,7 +34,7 @@ def _spec_problems(spec: SubAgentSpec, limits: Limits, known_tools: Collection[s
             problems.append(
                 f"agent {spec.id!r} uses unknown tool {tool!r} (known tools: {_known_list(known_tools)})"
             )
-    if spec.max_steps > limits.subagent_max_steps:
+    if spec.max_steps is not None and spec.max_steps > limits.subagent_max_steps:
         problems.append(
             f"agent {spec.id!r} asks for max_steps={spec.max_steps}, above the limit "
             f"subagent_max_steps={limits.subagent_max_steps}"

@@ -515,7 +515,7 @@ class Job:
                 token=token,
                 spec=spec,
                 task_message=message,
-                max_steps=min(spec.max_steps, lim.subagent_max_steps),
+                max_steps=min(spec.max_steps or lim.subagent_max_steps, lim.subagent_max_steps),
                 tool_timeout_s=lim.tool_timeout_s,
                 tool_lease=self.lease_tool_calls(token, TOOL_LEASE_BLOCK) if spec.tools else 0,
             )

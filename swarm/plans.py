@@ -21,6 +21,9 @@ MAX_SUBAGENTS = 100
 MAX_TOOL_CALLS = 1500
 ORCHESTRATOR_MAX_STEPS = 15
 SUBAGENT_MAX_STEPS = 100
+# Largest task or prompt text accepted (characters): bounds what one job can make the store and
+# every model call carry, whatever the transport (REST has its own body limit too).
+MAX_PROMPT_CHARS = 200_000
 
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")
 
@@ -56,11 +59,12 @@ class SubAgentSpec(WireModel):
 
     id: str = Field(description="unique within the job; letters, digits, '_', '-', '.'")
     name: str = ""
-    system_prompt: str = ""
-    task: str = Field(min_length=1)
+    system_prompt: str = Field("", max_length=MAX_PROMPT_CHARS)
+    task: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS)
     tools: list[str] = Field(default_factory=list)
     depends_on: list[str] = Field(default_factory=list)
-    max_steps: int = Field(SUBAGENT_MAX_STEPS, ge=1)
+    # None: the job's limits.subagent_max_steps.
+    max_steps: int | None = Field(None, ge=1)
 
     @field_validator("id")
     @classmethod
@@ -86,7 +90,7 @@ class SwarmPlan(WireModel):
     # How the final answer is written from the sub-agents' results: "concat" joins them without a
     # model call; "llm" asks the orchestrator model once (one extra orchestrator step).
     aggregate: Literal["concat", "llm"] = "concat"
-    aggregate_prompt: str = ""
+    aggregate_prompt: str = Field("", max_length=MAX_PROMPT_CHARS)
 
 
 class LLMConfig(WireModel):
@@ -117,9 +121,9 @@ class JobSpec(WireModel):
     """A job: either a task for the orchestrator agent (K2.5 style) or a whole plan."""
 
     name: str = ""
-    task: str | None = None
+    task: str | None = Field(None, max_length=MAX_PROMPT_CHARS)
     plan: SwarmPlan | None = None
-    orchestrator_prompt: str = ""
+    orchestrator_prompt: str = Field("", max_length=MAX_PROMPT_CHARS)
     subagent_tools: list[str] = Field(
         default_factory=lambda: ["search", "calculator"],
         description="tools the orchestrator may give to sub-agents it creates",

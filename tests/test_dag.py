@@ -163,3 +163,10 @@ def test_critical_path_bad_input() -> None:
     cyc = nx.DiGraph([("x", "y"), ("y", "x")])
     with pytest.raises(ValueError, match="cycle"):
         critical_path(cyc, {})
+
+
+def test_unset_max_steps_takes_the_job_limit():
+    # A node without max_steps is never rejected for it: it runs under the job's own step cap.
+    plan = SwarmPlan(subagents=[SubAgentSpec(id="a", task="t")])
+    assert plan.subagents[0].max_steps is None
+    validate_plan(plan, Limits(subagent_max_steps=5), known_tools=[])
