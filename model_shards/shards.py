@@ -92,8 +92,11 @@ class RayShardGroup:
         backend: str | None = None,
         ready_timeout_s: float = 300.0,
         collective_timeout_s: float = 120.0,
+        bundle_resources: Mapping[str, float] | None = None,
     ) -> "RayShardGroup":
-        """Reserve T bundles on one node (STRICT_PACK), start the shards, join them in one process group."""
+        """Reserve T bundles on one node (STRICT_PACK), start the shards, join them in one process group.
+        `bundle_resources` adds custom resources to every shard's bundle (e.g. {"swarm_model": 1},
+        so replicas land only on the nodes meant for them)."""
         if tp < 1:
             raise ValueError(f"tp must be >= 1, got {tp}")
         if not ray.is_initialized():
@@ -102,6 +105,7 @@ class RayShardGroup:
         bundle: dict[str, float] = {"CPU": num_cpus_per_shard}
         if use_gpu:
             bundle["GPU"] = 1
+        bundle.update(bundle_resources or {})
         pg = placement_group([dict(bundle) for _ in range(tp)], strategy="STRICT_PACK")
         try:
             ray.get(pg.ready(), timeout=ready_timeout_s)

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import orjson
 from fastapi import FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
@@ -136,7 +137,8 @@ def create_app(settings: Settings, runtime: SwarmRuntime | None = None, service:
             if rt is None:
                 from swarm.runtime import SwarmRuntime
 
-                rt = own_runtime = SwarmRuntime(address=settings.ray_address, num_workers=settings.num_workers)
+                rt = own_runtime = SwarmRuntime(address=settings.ray_address, num_workers=settings.num_workers,
+                                                placement=settings.placement)
             svc = JobService(settings, rt)
         await svc.start()
         app.state.service = svc

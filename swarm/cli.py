@@ -160,7 +160,8 @@ def serve(
 
     # Ray first: ray.init installs its own SIGTERM handler, which uvicorn's (installed when it
     # starts serving) must replace so that Ctrl-C / SIGTERM shut the service down cleanly.
-    runtime = SwarmRuntime(address=settings.ray_address, num_workers=settings.num_workers)
+    runtime = SwarmRuntime(address=settings.ray_address, num_workers=settings.num_workers,
+                           placement=settings.placement)
     try:
         # Open SSE streams would hold a graceful shutdown until their jobs end; cut them after 5 s
         # (clients resume with Last-Event-ID).
@@ -290,7 +291,8 @@ def run(
         fail(f"invalid plan in {job_file}:\n  - " + "\n  - ".join(e.problems), EXIT_USAGE)
     settings = _state(ctx).settings()
     _state(ctx).export_config()
-    runtime = SwarmRuntime(address=address or settings.ray_address, num_workers=num_workers or settings.num_workers)
+    runtime = SwarmRuntime(address=address or settings.ray_address, num_workers=num_workers or settings.num_workers,
+                           placement=settings.placement)
     try:
         code = run_spec(spec, runtime)
     finally:
@@ -392,6 +394,8 @@ def model_serve(
     max_len: int = typer.Option(2048, "--max-len", min=16, help="context length per slot"),
     dtype: str = typer.Option("float32", "--dtype", help="float32, bfloat16 or float16"),
     device: str = typer.Option("cpu", "--device", help="cpu or cuda"),
+    shard_resources: Optional[str] = typer.Option(
+        None, "--shard-resources", help='JSON custom resources per shard bundle (tp > 1), e.g. \'{"swarm_model": 1}\''),
 ) -> None:
     """Serve a model over the OpenAI chat API (`/v1/chat/completions`) on HOST:PORT."""
     if (preset is None) == (checkpoint is None):
@@ -402,6 +406,19 @@ def model_serve(
         fail("--no-ray runs one process: use --tp 1, or drop --no-ray", EXIT_USAGE)
     if dtype not in ("float32", "bfloat16", "float16"):
         fail(f"--dtype must be float32, bfloat16 or float16, got {dtype!r}", EXIT_USAGE)
+    extra: dict[str, float] = {}
+    if shard_resources is not None:
+        try:
+            extra = orjson.loads(shard_resources)
+        except orjson.JSONDecodeError as e:
+            fail(f"--shard-resources is not valid JSON: {e}", EXIT_USAGE)
+        if not isinstance(extra, dict) or not all(
+            isinstance(k, str) and isinstance(v, (int, float)) and v > 0 for k, v in extra.items()
+        ):
+            fail('--shard-resources must be a JSON object of resource name -> positive number, e.g. \'{"swarm_model": 1}\'',
+                 EXIT_USAGE)
+        if tp == 1:
+            fail("--shard-resources applies to Ray shards: use it with --tp 2 or more", EXIT_USAGE)
     from model_shards.serve import serve as serve_model
 
     console.print(
@@ -421,6 +438,7 @@ def model_serve(
         max_len=max_len,
         dtype=dtype,
         device=device,
+        **({"shard_resources": extra} if extra else {}),
     )
 
 

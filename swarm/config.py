@@ -14,6 +14,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from swarm.placement import PlacementConfig
 from swarm.plans import LLMConfig
 
 DEFAULT_DB_PATH = "~/.swarm/swarm.sqlite"
@@ -29,6 +30,7 @@ ENV_VARS: dict[str, tuple[str, ...]] = {
     "SWARM_RAY_ADDRESS": ("ray_address",),
     "SWARM_NUM_WORKERS": ("num_workers",),
     "SWARM_MAX_BODY_BYTES": ("max_body_bytes",),
+    "SWARM_MAX_RUNNING_JOBS": ("max_running_jobs",),
     "SWARM_LLM_BACKEND": ("llm", "backend"),
     "OPENAI_BASE_URL": ("llm", "base_url"),
     "SWARM_LLM_BASE_URL": ("llm", "base_url"),
@@ -72,6 +74,10 @@ class Settings(BaseModel):
     num_workers: int = Field(2, ge=1, le=1024, description="async worker actors that host sub-agents")
     llm: LLMConfig = Field(default_factory=_default_llm)
     max_body_bytes: int = Field(1 << 20, ge=1, description="largest accepted HTTP request body")
+    # Cluster placement (swarm.placement) and admission: jobs beyond max_running_jobs wait in state
+    # "queued" and start in submission order as running ones finish; None = no limit.
+    placement: PlacementConfig = Field(default_factory=PlacementConfig)
+    max_running_jobs: int | None = Field(None, ge=1, description="jobs running at once; the rest stay queued")
 
 
 def _read_yaml(path: str) -> dict[str, Any]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import deque
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -49,10 +50,11 @@ def known_tools(spec: JobSpec) -> list[str]:
     return list(known_tool_names(spec.tools))
 
 
-def check_spec(spec: JobSpec) -> None:
+def check_spec(spec: JobSpec, tools: list[str] | None = None) -> None:
     """Everything that makes a job unrunnable, found before anything is stored or started.
-    Raises PlanValidationError listing every problem."""
-    tools = known_tools(spec)
+    Raises PlanValidationError listing every problem. `tools`: the names the runtime's tool
+    registry offers (default: the built-in tools)."""
+    tools = known_tools(spec) if tools is None else tools
     if spec.plan is not None:
         validate_plan(spec.plan, spec.limits, tools)
     else:
@@ -79,6 +81,12 @@ class JobService:
         self._waiters: dict[str, asyncio.Event] = {}
         self._started = False
         self._stopping = False
+        # Admission (settings.max_running_jobs): ids of stored jobs waiting to start, oldest first,
+        # and how many starts are in flight (counted before their first await, so concurrent
+        # submits cannot overshoot the limit).
+        self._queue: deque[str] = deque()
+        self._launching = 0
+        self._tools_by_config: dict[bytes, list[str]] = {}
 
     # ---- lifecycle --------------------------------------------------------------------------
 
@@ -90,12 +98,16 @@ class JobService:
         self._stopping = False
         for st in self.store.unfinished_jobs():
             alive = await asyncio.to_thread(self.runtime.has_job, st.id)
+            if not alive and st.state == JobState.queued and self.store.last_seq(st.id) == 0:
+                self._queue.append(st.id)  # waited for admission and never started: still waiting
+                continue
             if alive:
                 log.info("re-attaching to job %s after seq %d", st.id, self.store.last_seq(st.id))
                 self._spawn_pump(st.id)
             elif self.store.mark_interrupted(st.id, INTERRUPTED_ON_START):
                 log.warning("job %s marked interrupted: no live actor", st.id)
                 self._notify(st.id)
+        await self._admit()
 
     async def stop(self) -> None:
         """Stop persisting (jobs keep running in their detached actors; a new service re-attaches)."""
@@ -105,6 +117,7 @@ class JobService:
             t.cancel()
         await asyncio.gather(*pumps, return_exceptions=True)
         self._pumps.clear()
+        self._queue.clear()  # still `queued` in the store; the next start() queues them again
         for ev in self._waiters.values():
             ev.set()
         self._waiters.clear()
@@ -119,9 +132,14 @@ class JobService:
         on bad input, with nothing stored or started."""
         if not isinstance(spec, JobSpec):
             spec = JobSpec.model_validate(spec)
-        check_spec(spec)
+        # Checked against the runtime's own registry, which may offer more than the built-in tools.
+        check_spec(spec, self._tool_names(spec))
         job_id = new_job_id()
         status = self.store.create_job(job_id, spec)
+        if self._queue or not self._has_capacity():
+            self._queue.append(job_id)  # stays `queued` (visible through the API) until admitted
+            return status
+        self._launching += 1
         try:
             await asyncio.to_thread(self.runtime.start_job, job_id, spec)
         except PlanValidationError:
@@ -131,8 +149,43 @@ class JobService:
             self.store.end_job(job_id, JobState.failed, f"could not start the job: {type(e).__name__}: {e}")
             self._notify(job_id)
             raise
+        finally:
+            self._launching -= 1
         self._spawn_pump(job_id)
         return status
+
+    def _tool_names(self, spec: JobSpec) -> list[str]:
+        key = spec.tools.to_json()
+        if key not in self._tools_by_config:  # building a registry may index a corpus: once per config
+            self._tools_by_config[key] = self.runtime.registry_factory(spec.tools).names()
+        return self._tools_by_config[key]
+
+    def queued_jobs(self) -> list[str]:
+        """Ids of jobs waiting for admission (settings.max_running_jobs), in the order they will start."""
+        return list(self._queue)
+
+    def _has_capacity(self) -> bool:
+        limit = self.settings.max_running_jobs
+        return limit is None or len(self._pumps) + self._launching < limit
+
+    async def _admit(self) -> None:
+        """Start queued jobs, oldest first, while the running-jobs limit allows."""
+        while self._queue and self._has_capacity() and not self._stopping:
+            job_id = self._queue.popleft()
+            spec = self.store.get_spec(job_id)
+            st = self.store.get_job(job_id)
+            if spec is None or st is None or st.state.terminal:
+                continue  # cancelled (or deleted) while it waited
+            self._launching += 1
+            try:
+                await asyncio.to_thread(self.runtime.start_job, job_id, spec)
+            except Exception as e:
+                self.store.end_job(job_id, JobState.failed, f"could not start the job: {type(e).__name__}: {e}")
+                self._notify(job_id)
+                continue
+            finally:
+                self._launching -= 1
+            self._spawn_pump(job_id)
 
     def get(self, job_id: str) -> JobStatus:
         st = self.store.get_job(job_id)
@@ -152,6 +205,11 @@ class JobService:
         st = self.get(job_id)
         if st.state.terminal:
             raise JobAlreadyFinishedError(f"job {job_id!r} already ended ({st.state.value}); nothing to cancel")
+        if job_id in self._queue:  # never started: nothing runs, so end it here
+            self._queue.remove(job_id)
+            self.store.end_job(job_id, JobState.cancelled, "cancelled by request while queued")
+            self._notify(job_id)
+            return self.get(job_id)
         try:
             await self.runtime.cancel(job_id)
         except JobNotFound:
@@ -225,7 +283,13 @@ class JobService:
             return
         task = asyncio.get_running_loop().create_task(self._pump(job_id), name=f"swarm-pump-{job_id}")
         self._pumps[job_id] = task
-        task.add_done_callback(lambda t, j=job_id: self._pumps.pop(j, None) if self._pumps.get(j) is t else None)
+        task.add_done_callback(lambda t, j=job_id: self._pump_done(j, t))
+
+    def _pump_done(self, job_id: str, task: asyncio.Task[None]) -> None:
+        if self._pumps.get(job_id) is task:
+            self._pumps.pop(job_id, None)
+        if self._queue and not self._stopping:  # a slot freed up: start the next queued job
+            asyncio.get_running_loop().create_task(self._admit(), name="swarm-admit")
 
     async def _pump(self, job_id: str) -> None:
         """Persist the job's events until its JobFinished, then release its actor."""

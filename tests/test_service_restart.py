@@ -11,6 +11,7 @@ import pytest
 from swarm.api import create_app
 from swarm.client import Swarm
 from swarm.config import Settings
+from swarm.events import JobStarted, JobSubmitted
 from swarm.plans import JobSpec
 from swarm.service import INTERRUPTED_ON_START
 from swarm.store import JobStore
@@ -50,7 +51,10 @@ def test_restart_keeps_finished_reattaches_running_and_interrupts_orphans(runtim
     store = JobStore(settings.db_path)
     assert store.get_job(running).state.value == "running", "the job should still be running across the restart"
     stored_before = store.last_seq(running)
+    # A job that had started (its first events are stored) but whose job host is gone. (A job with
+    # no events at all was never started and is queued again instead: see test_cluster_multinode.)
     store.create_job("job-orphan", JobSpec(task="lost"))
+    store.append_events("job-orphan", [JobSubmitted(job_id="job-orphan", seq=1), JobStarted(job_id="job-orphan", seq=2)])
     store.close()
     assert runtime.has_job(running), "the job actor should outlive the service"
     assert follower.is_alive(), "the following client should be waiting to reconnect"
@@ -63,8 +67,9 @@ def test_restart_keeps_finished_reattaches_running_and_interrupts_orphans(runtim
         orphan = c.get("/jobs/job-orphan").json()
         assert orphan["state"] == "interrupted" and orphan["error"] == INTERRUPTED_ON_START
         orphan_events = _events(c, "job-orphan")  # the stream ends: a final job_finished was recorded
-        assert [e["event"] for e in orphan_events] == ["job_finished"]
-        assert orphan_events[0]["data"]["state"] == "interrupted"
+        assert [e["event"] for e in orphan_events] == ["job_submitted", "job_started", "job_finished"]
+        assert [int(e["id"]) for e in orphan_events] == [1, 2, 3]
+        assert orphan_events[-1]["data"]["state"] == "interrupted"
 
         st = wait_state(c, running, timeout=60)
         assert st["state"] == "succeeded", st
