@@ -143,7 +143,7 @@ def small_job_spec(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         "plan": {
             "subagents": [
                 {"id": "fetch-a", "name": "fetch-a", "system_prompt": "You fetch A.", "tools": ["calculator"],
-                 "task": script_task({"steps": calc_steps(2, 2, 10), "answer": "A done", "think_s": 0.4})},
+                 "task": script_task({"steps": calc_steps(2, 2, 10), "answer": "A done", "think_s": 1.5})},
                 {"id": "fetch-b", "name": "fetch-b", "system_prompt": "You fetch B.", "tools": ["calculator"],
                  "task": script_task({"steps": calc_steps(1, 1, 20), "answer": "B done", "think_s": 0.3,
                                       "fail_once_file": str(marker)})},
@@ -160,7 +160,8 @@ def test_live_graph_node_panel_critical_path_and_answer(page: Any, server: LiveS
     row = page.wait_for_selector(f'#jobs-body tr[data-id="{job_id}"]', timeout=15_000)
     row.click()
     page.wait_for_selector('#dag .node[data-id="merge"]', timeout=15_000)
-    # Live: some agent is seen running before the job ends.
+    # Live: some agent is seen running before the job ends (fetch-a thinks 3 x 1.5 s, long enough
+    # to be seen even on a loaded machine).
     page.wait_for_selector('#dag .node[data-state="running"]', timeout=15_000)
     wait_finished(page, "succeeded", 30_000)
     st = wait_job(server, job_id)
