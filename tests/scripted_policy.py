@@ -19,6 +19,7 @@ assistant message. After the last stage the orchestrator answers with the tool r
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import os
 from typing import Any
@@ -29,6 +30,13 @@ _START = "<<script"
 
 
 def parse_script(text: str) -> dict[str, Any]:
+    # Parsed once per distinct task text (the same script is read at every step of an agent);
+    # the result is shared: read it, never change it.
+    return _parse_script(text)
+
+
+@functools.lru_cache(maxsize=4096)
+def _parse_script(text: str) -> dict[str, Any]:
     i = text.find(_START)
     if i < 0:
         return {}

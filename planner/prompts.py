@@ -1,0 +1,34 @@
+"""Prompts of the built-in policy: the sub-agent prompt for table/lookup work and the plan-mode
+orchestrator prompt. They are short on purpose: the `small` checkpoint reads bytes, so every
+character of a prompt is a token of its 4096-token context. Kimi K2.5 can use them as they are.
+"""
+
+from __future__ import annotations
+
+SUBAGENT_SYSTEM_PROMPT = (
+    "You are a research sub-agent. Use the search tool to find facts in the document collection. "
+    "Search with short keyword queries (names and the fact you need). Copy names and numbers exactly "
+    "as the documents write them; never guess. When a table is asked for, answer with only that "
+    "markdown table; when a list is asked for, answer with the names separated by '; '."
+)
+
+PLAN_MODE_PROMPT = (
+    "You plan work for sub-agents that search a document collection. Reply with only a JSON plan: "
+    '{"agents": [{"id": ..., "task": ..., "depends_on": [...]}], "aggregate": "concat" or "llm"}. '
+    "Each task must be complete on its own; a task that needs another agent's result lists that "
+    "agent's id in depends_on and receives its result. With \"concat\" the final answer is the "
+    "agents' results joined; with \"llm\" a last step merges them."
+)
+
+# The aggregation step of a plan with aggregate == "llm" (swarm.job_host adds its own system prompt).
+AGGREGATE_TABLE_PROMPT = (
+    "Merge the sub-agents' tables into one markdown table with exactly these columns: {columns}. "
+    "Keep every row once."
+)
+
+
+def aggregate_table_prompt(columns: list[str]) -> str:
+    """The aggregate_prompt of a table-filling plan: asks for one table with exactly `columns`."""
+    if not columns:
+        raise ValueError("aggregate_table_prompt needs at least one column")
+    return AGGREGATE_TABLE_PROMPT.format(columns=", ".join(columns))

@@ -1,0 +1,337 @@
+"""Supervised training of the built-in policy on synthesised WideGeo traces (planner.traces).
+
+    python -m planner.sft --preset small --out checkpoints/small-policy --steps 2000 --seed 0
+
+Deterministic on CPU for a given seed: model init, data order and batches derive from it. The loss
+is next-token cross-entropy on assistant tokens only. AdamW with linear warm-up then cosine decay;
+every `eval_every` steps the mean loss on held-out train-split tasks (other seed, no shared prompt)
+is logged. Output: an HF-format checkpoint (model_shards.checkpoint.save_checkpoint), `policy.json`
+(tokenizer, chat format, the training config and data report), `train_log.jsonl`, and
+`train_state.pt` (optimizer and step) so that `--resume` continues the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import random
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field
+
+from model_shards.checkpoint import load_checkpoint, save_checkpoint
+from model_shards.config import ModelConfig
+from model_shards.model import KimiK2ForCausalLM
+from model_shards.tokenizer import load_tokenizer
+from planner.traces import KINDS, EncodedExample, encode_conversation, length_stats, synthesize
+
+STATE_FILE = "train_state.pt"
+LOG_FILE = "train_log.jsonl"
+POLICY_FILE = "policy.json"
+
+
+class SFTConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    preset: str = "small"
+    out: str
+    steps: int = Field(1000, ge=1)
+    seed: int = 0
+    batch_tokens: int = Field(16384, ge=64, description="token budget of one batch, padding included")
+    max_len: int | None = Field(None, ge=16, description="longest example kept (default: the model's context)")
+    lr: float = Field(2e-3, gt=0)
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)
+    warmup: int = Field(50, ge=0)
+    weight_decay: float = Field(0.1, ge=0)
+    grad_clip: float = Field(1.0, gt=0)
+    train_tasks: int = Field(400, ge=1)
+    eval_tasks: int = Field(40, ge=0)
+    data_seed: int = 0
+    kinds: list[str] = Field(default_factory=lambda: list(KINDS))
+    eval_every: int = Field(100, ge=1)
+    save_every: int = Field(500, ge=1)
+    tokenizer: str = "byte:512"
+    # The shipped checkpoint's dtype: bfloat16 halves it (the small preset is ~73 MB in float32).
+    save_dtype: Literal["float32", "bfloat16"] = "float32"
+    threads: int | None = Field(None, ge=1)
+
+
+@dataclass
+class SFTData:
+    train: list[EncodedExample]
+    eval: list[EncodedExample]
+    report: dict[str, Any]
+
+
+def build_data(cfg: SFTConfig, max_len: int) -> SFTData:
+    """Synthesises and encodes train and held-out eval examples; drops ones longer than max_len."""
+    from planner.envs import get_env
+
+    bad = [k for k in cfg.kinds if k not in KINDS]
+    if bad:
+        raise ValueError(f"unknown conversation kinds {bad}; choose from {list(KINDS)}")
+    env = get_env("widegeo")
+    tok = load_tokenizer(cfg.tokenizer)
+    train_tasks = env.tasks("train", cfg.train_tasks, cfg.data_seed)
+    seen = {t.prompt for t in train_tasks}
+    # Held-out tasks: another seed of the train split, minus any prompt the training set has.
+    eval_tasks = [t for t in env.tasks("train", cfg.eval_tasks, cfg.data_seed + 1_000_003) if t.prompt not in seen]
+    out: dict[str, list[EncodedExample]] = {}
+    report: dict[str, Any] = {}
+    for name, tasks in (("train", train_tasks), ("eval", eval_tasks)):
+        traces, rep = synthesize(env, tasks)
+        enc = [encode_conversation(c, tok) for tr in traces for c in tr.conversations if c.kind in cfg.kinds]
+        kept = [e for e in enc if len(e) <= max_len]
+        report[name] = {**rep.as_dict(), "lengths_all": length_stats(enc), "kept_by_kind": dict(
+            sorted({k: sum(1 for e in kept if e.kind == k) for k in cfg.kinds}.items())),
+            "too_long": len(enc) - len(kept), "examples": len(kept), "target_tokens": sum(sum(e.mask) for e in kept)}
+        out[name] = kept
+    if not out["train"]:
+        raise ValueError(f"no training example fits max_len={max_len}; raise --max-len or change --kinds")
+    return SFTData(out["train"], out["eval"], report)
+
+
+def make_batches(examples: list[EncodedExample], batch_tokens: int, seed: int, epoch: int) -> list[list[int]]:
+    """Indices of each batch of one epoch: a seeded shuffle, then greedy packing under the token budget
+    (batch size × its longest example, so padding counts)."""
+    order = list(range(len(examples)))
+    random.Random(f"sft/{seed}/{epoch}").shuffle(order)
+    batches: list[list[int]] = []
+    cur: list[int] = []
+    longest = 0
+    for i in order:
+        n = len(examples[i])
+        if cur and max(longest, n) * (len(cur) + 1) > batch_tokens:
+            batches.append(cur)
+            cur, longest = [], 0
+        cur.append(i)
+        longest = max(longest, n)
+    if cur:
+        batches.append(cur)
+    return batches
+
+
+def batch_stream(examples: list[EncodedExample], batch_tokens: int, seed: int) -> Iterator[list[EncodedExample]]:
+    epoch = 0
+    while True:
+        for b in make_batches(examples, batch_tokens, seed, epoch):
+            yield [examples[i] for i in b]
+        epoch += 1
+
+
+def collate(batch: list[EncodedExample], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """[B, L] ids (right-padded) and [B, L] float mask (0 on padding)."""
+    longest = max(len(e) for e in batch)
+    ids = torch.full((len(batch), longest), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(batch), longest), dtype=torch.float32)
+    for r, e in enumerate(batch):
+        ids[r, : len(e)] = torch.tensor(e.ids, dtype=torch.long)
+        mask[r, : len(e)] = torch.tensor(e.mask, dtype=torch.float32)
+    return ids, mask
+
+
+def masked_lm_loss(model: KimiK2ForCausalLM, ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Mean next-token loss over positions whose TARGET token is assistant-written; (loss, n targets)."""
+    logits = model.forward_logits(ids)[:, :-1]
+    targets = ids[:, 1:]
+    weights = mask[:, 1:]
+    n = int(weights.sum().item())
+    if n == 0:
+        raise ValueError("batch has no assistant tokens to learn")
+    losses = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none")
+    return (losses * weights.reshape(-1)).sum() / n, n
+
+
+def lr_at(step: int, cfg: SFTConfig) -> float:
+    """Linear warm-up to cfg.lr, then cosine decay to cfg.lr * min_lr_ratio at cfg.steps."""
+    if cfg.warmup and step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    progress = min(1.0, (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup))
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+@torch.no_grad()
+def evaluate(model: KimiK2ForCausalLM, examples: list[EncodedExample], batch_tokens: int, pad_id: int) -> float | None:
+    if not examples:
+        return None
+    model.eval()
+    total, count = 0.0, 0
+    for b in make_batches(examples, batch_tokens, seed=0, epoch=0):
+        ids, mask = collate([examples[i] for i in b], pad_id)
+        loss, n = masked_lm_loss(model, ids, mask)
+        total += float(loss) * n
+        count += n
+    model.train()
+    return total / count
+
+
+def _optimizer(model: KimiK2ForCausalLM, cfg: SFTConfig) -> torch.optim.AdamW:
+    # No weight decay on norms (1-D weights), as usual for transformers.
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8)
+
+
+def _log(path: Path, record: dict[str, Any]) -> None:
+    with path.open("a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def save_policy(model: KimiK2ForCausalLM, mcfg: ModelConfig, cfg: SFTConfig, out: Path, step: int,
+                data_report: dict[str, Any], eval_loss: float | None) -> None:
+    if cfg.save_dtype == "float32":
+        save_checkpoint(model, mcfg, out)
+    else:
+        state = {k: v.to(torch.bfloat16) if v.is_floating_point() and "e_score_correction_bias" not in k else v
+                 for k, v in model.hf_state_dict().items()}
+        save_checkpoint(state, dataclasses.replace(mcfg, torch_dtype=cfg.save_dtype), out)
+    (out / POLICY_FILE).write_text(json.dumps({
+        "tokenizer": cfg.tokenizer,
+        "chat_format": "kimi-k2 (model_shards.chat_template)",
+        "step": step,
+        "eval_loss": eval_loss,
+        "command": "python -m planner.sft " + " ".join(_argv_of(cfg)),
+        "config": cfg.model_dump(mode="json"),
+        "data": data_report,
+    }, indent=2))
+
+
+def _argv_of(cfg: SFTConfig) -> list[str]:
+    out = []
+    for k, v in cfg.model_dump(mode="json").items():
+        if v is None or k == "threads":
+            continue
+        flag = "--" + k.replace("_", "-")
+        out += [flag, *map(str, v)] if isinstance(v, list) else [flag, str(v)]
+    return out
+
+
+@dataclass
+class SFTResult:
+    out: Path
+    steps: int
+    first_loss: float
+    last_loss: float
+    eval_losses: list[tuple[int, float]]
+
+
+def train(cfg: SFTConfig, resume: bool = False, data: SFTData | None = None) -> SFTResult:
+    """Runs (or resumes) one SFT run; returns where it wrote and the loss trajectory."""
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    mcfg = ModelConfig.preset(cfg.preset)
+    max_len = cfg.max_len or mcfg.max_position_embeddings
+    tok = load_tokenizer(cfg.tokenizer)
+    if tok.vocab_size > mcfg.vocab_size:
+        raise ValueError(f"tokenizer {cfg.tokenizer!r} has {tok.vocab_size} ids, more than the model's vocab_size {mcfg.vocab_size}")
+    data = data or build_data(cfg, max_len)
+    torch.manual_seed(cfg.seed)
+    model = KimiK2ForCausalLM(mcfg, dtype=torch.float32)
+    model.train()
+    opt = _optimizer(model, cfg)
+    step = 0
+    log_path = out / LOG_FILE
+    state_path = out / STATE_FILE
+    if resume:
+        if not state_path.is_file():
+            raise FileNotFoundError(f"--resume: no {STATE_FILE} in {out}")
+        state = torch.load(state_path, weights_only=False)
+        if state["config"] != cfg.model_dump(mode="json", exclude={"steps", "threads"}):
+            raise ValueError(f"--resume: {state_path} was written with a different configuration")
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        step = state["step"]
+        torch.set_rng_state(state["rng"])
+    elif log_path.exists():
+        log_path.unlink()
+    pad_id = tok.pad_id if tok.pad_id is not None else 0
+    stream = batch_stream(data.train, cfg.batch_tokens, cfg.seed)
+    for _ in range(step):  # the data order is a function of the step: skip what was trained
+        next(stream)
+    if step == 0:
+        _log(log_path, {"event": "start", "examples": len(data.train), "eval_examples": len(data.eval),
+                        "params": sum(p.numel() for p in model.parameters()), "data": data.report})
+    first_loss = last_loss = float("nan")
+    eval_losses: list[tuple[int, float]] = []
+    eval_loss: float | None = None
+    t0 = time.perf_counter()
+    while step < cfg.steps:
+        batch = next(stream)
+        ids, mask = collate(batch, pad_id)
+        lr = lr_at(step, cfg)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        loss, n = masked_lm_loss(model, ids, mask)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        gnorm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip))
+        opt.step()
+        step += 1
+        last_loss = float(loss.detach())
+        if first_loss != first_loss:
+            first_loss = last_loss
+        rec: dict[str, Any] = {"step": step, "loss": round(last_loss, 5), "lr": lr, "grad_norm": round(gnorm, 4),
+                               "batch": len(batch), "target_tokens": n, "elapsed_s": round(time.perf_counter() - t0, 2)}
+        if step % cfg.eval_every == 0 or step == cfg.steps:
+            eval_loss = evaluate(model, data.eval, cfg.batch_tokens, pad_id)
+            if eval_loss is not None:
+                rec["eval_loss"] = round(eval_loss, 5)
+                eval_losses.append((step, eval_loss))
+        _log(log_path, rec)
+        if step % cfg.save_every == 0 or step == cfg.steps:
+            torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step,
+                        "rng": torch.get_rng_state(),
+                        "config": cfg.model_dump(mode="json", exclude={"steps", "threads"})}, state_path)
+            save_policy(model, mcfg, cfg, out, step, data.report, eval_loss)
+    return SFTResult(out, step, first_loss, last_loss, eval_losses)
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[SFTConfig, bool]:
+    p = argparse.ArgumentParser(prog="python -m planner.sft", description=__doc__.split("\n\n")[0])
+    p.add_argument("--preset", default="small", help="model_shards ModelConfig preset: small or tiny")
+    p.add_argument("--out", required=True, help="output directory (checkpoint, logs, train state)")
+    p.add_argument("--steps", type=int, default=1000)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-tokens", type=int, default=16384)
+    p.add_argument("--max-len", type=int, default=None)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--min-lr-ratio", type=float, default=0.1)
+    p.add_argument("--warmup", type=int, default=50)
+    p.add_argument("--weight-decay", type=float, default=0.1)
+    p.add_argument("--grad-clip", type=float, default=1.0)
+    p.add_argument("--train-tasks", type=int, default=400)
+    p.add_argument("--eval-tasks", type=int, default=40)
+    p.add_argument("--data-seed", type=int, default=0)
+    p.add_argument("--kinds", nargs="+", default=list(KINDS), choices=list(KINDS))
+    p.add_argument("--eval-every", type=int, default=100)
+    p.add_argument("--save-every", type=int, default=500)
+    p.add_argument("--tokenizer", default="byte:512")
+    p.add_argument("--save-dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--resume", action="store_true", help="continue from OUT/train_state.pt")
+    a = vars(p.parse_args(argv))
+    resume = a.pop("resume")
+    return SFTConfig(**a), resume
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg, resume = parse_args(argv)
+    res = train(cfg, resume=resume)
+    print(json.dumps({"out": str(res.out), "steps": res.steps, "first_loss": res.first_loss,
+                      "last_loss": res.last_loss, "eval_losses": res.eval_losses}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

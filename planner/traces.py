@@ -1,0 +1,561 @@
+"""Supervised traces for the built-in policy, synthesised from WideGeo TRAIN tasks.
+
+For each task an oracle that knows the GeoNames records plays every role, but everything a model
+would see is real: search calls run the real `search` tool over the real corpus and their results
+are rendered exactly as the tool returns them (`format_hits`), and every value an answer states is
+checked to be present in the search results it was read from. Conversations per task:
+
+- sub-agent: task -> `search` calls with keyword queries -> tool results -> final answer (a markdown
+  table, or a '; '-separated list of names for listing subtasks);
+- orchestrator, tool form: `create_subagent` / `assign_task` calls (weakly parallel: lookups in
+  chunks of 3 entities, city ranks in chunks of 30) -> the sub-agents' answers -> the final table;
+- orchestrator, plan form: the task -> a compact JSON plan (planner.plan_schema);
+- aggregation: the plan's results -> one final table (plans with aggregate == "llm").
+
+Then `encode_conversation` renders a conversation with the Kimi chat template into token ids and a
+loss mask that is 1 exactly on assistant-written tokens (never system, user or tool text).
+Train tasks only: a trace that shows a test-split country (by name or by document id) is dropped.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from planner.envs.base import Task
+from planner.envs.geodata import CONTINENT_NAMES, LANGUAGE_NAMES, Country, GeoData, format_int, split_of_country
+from planner.plan_schema import CompactAgent, CompactPlan, compact_plan_json
+from planner.prompts import PLAN_MODE_PROMPT, SUBAGENT_SYSTEM_PROMPT, aggregate_table_prompt
+from swarm.job_host import AGGREGATOR_SYSTEM_PROMPT, compose_task_message
+from swarm.orchestrator import ASSIGN_TASK, CREATE_SUBAGENT, orchestrator_system_prompt, orchestrator_tools
+from swarm.plans import JobSpec, SubAgentSpec
+from workers.tools.search import CorpusIndex, SearchArgs, build_index, format_hits, make_search_tool
+from model_shards.chat_template import render_segments
+
+KINDS: tuple[str, ...] = ("subagent", "orchestrator_tools", "orchestrator_plan", "aggregate")
+
+AGENT_NAME = "geo_researcher"
+LOOKUP_CHUNK = 3  # entities per lookup sub-agent: each lookup shows ~600 characters of results
+CITY_CHUNK = 30  # city ranks per sub-agent (two 15-city list documents)
+ATTR_WORDS = {"capital": "capital", "population": "population", "area_km2": "area",
+              "currency": "currency", "continent": "continent"}
+ATTR_TEXT = {"capital": "its capital", "population": "its population", "area_km2": "its area in km²",
+             "currency": "its currency (ISO 4217 code)", "continent": "its continent"}
+
+
+class TraceError(ValueError):
+    """A task cannot be turned into a correct trace (the reason names the task and the problem)."""
+
+
+@dataclass
+class Conversation:
+    """One SFT example: OpenAI-format messages (assistant turns are the targets) and the tools offered."""
+
+    kind: str
+    task_id: str
+    template: str
+    messages: list[dict[str, Any]]
+    tools: list[dict[str, Any]] | None = None
+
+
+@dataclass
+class TaskTrace:
+    """All conversations of one task, plus the final answers each orchestrator form produces."""
+
+    task: Task
+    conversations: list[Conversation]
+    tool_form_answer: str  # the tool-form orchestrator's final message
+    plan: CompactPlan
+    plan_answer: str  # what the runtime returns for the plan (concat, or the aggregation's answer)
+    dropped_conversations: int = 0  # conversations left out because they showed a test entity
+
+
+@dataclass
+class EncodedExample:
+    kind: str
+    task_id: str
+    ids: list[int]
+    mask: list[int]  # 1 where the token was written by the assistant
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+# --------------------------------------------------------------------------------- formatting
+
+def _cell(value: Any) -> str:
+    return format_int(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else str(value)
+
+
+def markdown_table(columns: list[str], rows: list[list[Any]]) -> str:
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(_cell(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _listing(parts: list[str]) -> str:
+    return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
+
+
+def _country_value(c: Country, col: str) -> Any:
+    return {"country": c.name, "capital": c.capital, "population": c.population, "area_km2": c.area_km2,
+            "currency": c.currency_code, "continent": c.continent_name}[col]
+
+
+# --------------------------------------------------------------------------------- sub-agent oracle
+
+@dataclass
+class _SubAgentRun:
+    """Builds one sub-agent conversation while running real searches."""
+
+    index: CorpusIndex
+    task_text: str
+    messages: list[dict[str, Any]] = field(default_factory=list)
+    seen_text: str = ""
+    n_calls: int = 0
+
+    def __post_init__(self) -> None:
+        self.messages = [{"role": "system", "content": SUBAGENT_SYSTEM_PROMPT},
+                         {"role": "user", "content": self.task_text}]
+
+    def step(self, searches: list[tuple[str, int]]) -> list[list[str]]:
+        """One assistant message issuing `searches` in parallel; returns the doc ids each returned."""
+        calls, results, ids = [], [], []
+        for query, k in searches:
+            args = SearchArgs(query=query, k=k)  # what the tool would validate
+            cid = f"functions.search:{self.n_calls}"
+            self.n_calls += 1
+            hits = self.index.search(args.query, args.k)
+            text = format_hits(hits, args.query)
+            calls.append({"id": cid, "type": "function",
+                          "function": {"name": "search", "arguments": json.dumps({"query": query, "k": k}, ensure_ascii=False)}})
+            results.append({"role": "tool", "tool_call_id": cid, "name": "search", "content": text})
+            ids.append([h.doc.id for h in hits])
+            self.seen_text += "\n" + text
+        self.messages.append({"role": "assistant", "content": "", "tool_calls": calls})
+        self.messages.extend(results)
+        return ids
+
+    def answer(self, text: str, needed: list[str]) -> str:
+        """Final answer; every needed string must have been shown by the searches."""
+        missing = [v for v in needed if v not in self.seen_text]
+        if missing:
+            raise TraceError(f"sub-agent answer needs {missing[:3]} which its searches did not show")
+        self.messages.append({"role": "assistant", "content": text})
+        return text
+
+
+def _find_doc(index: CorpusIndex, doc_id: str, queries: list[str], max_k: int = 3) -> tuple[str, int]:
+    """The first (query, k) with the smallest k whose results contain `doc_id`."""
+    for k in range(1, max_k + 1):
+        for q in queries:
+            if any(h.doc.id == doc_id for h in index.search(q, k)):
+                return q, k
+    raise TraceError(f"no query among {queries} finds {doc_id} within {max_k} results")
+
+
+def lookup_task_text(names: list[str], attrs: list[str], filter_note: str = "") -> str:
+    cols = ["country", *attrs]
+    return (f"Look up these countries: {'; '.join(names)}. For each give {_listing([ATTR_TEXT[a] for a in attrs])}."
+            f"{filter_note} Answer with a markdown table whose columns are: {', '.join(cols)}.")
+
+
+def run_lookup(index: CorpusIndex, countries: list[Country], attrs: list[str],
+               keep: list[Country] | None = None, filter_note: str = "", task_text: str | None = None) -> tuple[list[dict], str]:
+    """Searches one country document per entity (all in one parallel step); the table keeps `keep` rows."""
+    run = _SubAgentRun(index, task_text or lookup_task_text([c.name for c in countries], attrs, filter_note))
+    words = " ".join(ATTR_WORDS[a] for a in attrs)
+    searches = [_find_doc(index, f"country:{c.iso}", [f"{c.name} {words}", c.name]) for c in countries]
+    run.step(searches)
+    rows = keep if keep is not None else countries
+    needed = [_cell(_country_value(c, col)) for c in countries for col in ["country", *attrs]]
+    table = markdown_table(["country", *attrs], [[_country_value(c, col) for col in ["country", *attrs]] for c in rows])
+    return run.messages, run.answer(table, needed)
+
+
+def run_paged_list(index: CorpusIndex, queries: list[str], doc_prefix: str, n_parts: int,
+                   names: list[str], task_text: str, part_size: int = 25) -> tuple[list[dict], str]:
+    """A list spread over parts `doc_prefix`1..n: one search first (its title tells how many parts
+    there are), then the parts still missing, in one parallel step."""
+    run = _SubAgentRun(index, task_text)
+    first = run.step([(queries[0], 1)])[0]
+    have = set(first)
+    rest = []
+    for p in range(1, n_parts + 1):
+        doc = f"{doc_prefix}{p}"
+        if doc in have:
+            continue
+        s, e = (p - 1) * part_size + 1, min(p * part_size, len(names))
+        q, k = _find_doc(index, doc, [f"{q0} {s} to {e}" for q0 in queries] + [f"{q0} part {p}" for q0 in queries], max_k=6)
+        rest.append((q, k))
+    if rest:
+        run.step(rest)
+    return run.messages, run.answer("; ".join(names), names)
+
+
+def city_task_text(country: str, start: int, end: int) -> str:
+    return (f"List the cities of {country} ranked {start} to {end} by population in GeoNames, with the "
+            f"population of each. Answer with a markdown table whose columns are: city, population.")
+
+
+def run_city_ranks(index: CorpusIndex, data: GeoData, iso: str, start: int, end: int) -> tuple[list[dict], str]:
+    c = data.country(iso)
+    cities = data.cities_of(iso)[start - 1 : end]
+    run = _SubAgentRun(index, city_task_text(c.name, start, end))
+    part_size = 15
+    parts = range((start - 1) // part_size + 1, (end - 1) // part_size + 2)
+    searches = []
+    for p in parts:
+        s, e = (p - 1) * part_size + 1, min(p * part_size, len(data.cities_of(iso)))
+        searches.append(_find_doc(index, f"list:cities:{iso}:{p}", [
+            f"Most populous cities of {c.name} ranks {s} to {e}", f"Cities of {c.name} by population ranks {s} to {e}",
+            f"Most populous cities of {c.name}"], max_k=len(parts) + 4))
+    run.step(searches)
+    needed = [t.name for t in cities] + [format_int(t.population) for t in cities]
+    table = markdown_table(["city", "population"], [[t.name, t.population] for t in cities])
+    return run.messages, run.answer(table, needed)
+
+
+# --------------------------------------------------------------------------------- per-template plans
+
+@dataclass
+class _SubTask:
+    """One assignment: its id in the swarm, its task text, its conversation and answer."""
+
+    id: str
+    task: str
+    messages: list[dict[str, Any]]
+    answer: str
+    depends_on: list[str] = field(default_factory=list)
+
+
+class TraceBuilder:
+    """Synthesises TaskTraces for WideGeo train tasks over one corpus."""
+
+    def __init__(self, env: Any, corpus_path: str | Path | None = None) -> None:
+        if getattr(env, "name", None) != "widegeo":
+            raise ValueError(f"TraceBuilder supports the 'widegeo' environment, got {getattr(env, 'name', env)!r}")
+        self.env = env
+        self.data: GeoData = env.data
+        self.corpus_path = Path(corpus_path) if corpus_path else env.corpus_path()
+        self.index = build_index(self.corpus_path)
+        self.search_tools = [make_search_tool(str(self.corpus_path)).spec().to_openai()]
+        self.orch_tools = [t.to_openai() for t in orchestrator_tools()]
+        self.test_names = _test_country_names(self.data)
+
+    # ---- stage builders --------------------------------------------------------------------
+    def _lookups(self, countries: list[Country], attrs: list[str], prefix: str, keep_fn=None,
+                 filter_note: str = "") -> list[_SubTask]:
+        out = []
+        for i in range(0, len(countries), LOOKUP_CHUNK):
+            chunk = countries[i : i + LOOKUP_CHUNK]
+            keep = [c for c in chunk if keep_fn(c)] if keep_fn else None
+            text = lookup_task_text([c.name for c in chunk], attrs, filter_note)
+            msgs, ans = run_lookup(self.index, chunk, attrs, keep, filter_note, text)
+            out.append(_SubTask(f"{prefix}-{len(out) + 1}", text, msgs, ans))
+        return out
+
+    def _lister(self, task: Task) -> tuple[str, list[dict], str, list[Country]]:
+        """(task text, conversation, answer, countries) of the listing subtask of a non-city template."""
+        p = task.meta["params"]
+        t = task.meta["template"]
+        if t == "neighbours":
+            subj = self.data.country(p["country"])
+            names = sorted(self.data.neighbours_of(subj.iso), key=lambda c: c.name)
+            text = (f"List the countries that share a land border with {subj.name}. "
+                    "Answer with their names separated by '; '.")
+            run = _SubAgentRun(self.index, text)
+            run.step([_find_doc(self.index, f"country:{subj.iso}", [f"Neighbouring countries of {subj.name}", subj.name])])
+            ans = run.answer("; ".join(c.name for c in names), [c.name for c in names])
+            return text, run.messages, ans, names
+        if t == "continent_countries":
+            code = p["continent"]
+            members = self.data.countries_in(code)
+            cname = CONTINENT_NAMES[code]
+            text = f"List all countries and territories of {cname}. Answer with their names separated by '; '."
+            n_parts = math.ceil(len(members) / 25)
+            msgs, ans = run_paged_list(self.index, [f"Countries and territories of {cname} alphabetical",
+                                                   f"Countries and territories of {cname}"],
+                                       f"list:continent:{code}:", n_parts, [c.name for c in members], text)
+            return text, msgs, ans, members
+        if t == "language_countries":
+            code = p["language"]
+            lang = LANGUAGE_NAMES[code]
+            speakers = sorted((c for c in self.data.countries.values() if code in c.languages), key=lambda c: c.name)
+            text = f"List all countries and territories where {lang} is spoken. Answer with their names separated by '; '."
+            msgs, ans = run_paged_list(self.index, [f"{lang} is among the languages of these countries and territories",
+                                                   f"Countries and territories where {lang} is spoken"],
+                                       f"list:language:{code}:", math.ceil(len(speakers) / 25),
+                                       [c.name for c in speakers], text)
+            return text, msgs, ans, speakers
+        raise TraceError(f"task {task.id}: template {t!r} has no listing subtask")
+
+    def _filter(self, task: Task) -> tuple[list[str], Any, str]:
+        """(lookup attributes, row filter, filter note) of a listing template."""
+        p = task.meta["params"]
+        attrs = [c for c in task.columns if c != "country"]
+        t = task.meta["template"]
+        if t == "continent_countries":
+            lookup = attrs if "population" in attrs else ["population", *attrs]
+            thr = p["min_population"]
+            return lookup, (lambda c: c.population > thr), f" Keep only those with a population of more than {format_int(thr)}."
+        if t == "language_countries":
+            cname = CONTINENT_NAMES[p["continent"]]
+            return ["continent", *attrs], (lambda c: c.continent_name == cname), f" Keep only those in {cname}."
+        return attrs, None, ""
+
+    # ---- one task ----------------------------------------------------------------------------
+    def build(self, task: Task) -> TaskTrace:
+        if task.split != "train":
+            raise TraceError(f"task {task.id} is from the {task.split!r} split: traces use train tasks only")
+        if task.env != "widegeo":
+            raise TraceError(f"task {task.id} belongs to env {task.env!r}, not 'widegeo'")
+        t = task.meta["template"]
+        if t == "top_cities":
+            trace = self._build_cities(task)
+        else:
+            trace = self._build_listing(task)
+        # A search may show a test-split country next to the wanted document (e.g. in a list of
+        # another continent): such a conversation is dropped; the answers built from it name only
+        # train entities, so the task's other conversations stay.
+        kept = []
+        for conv in trace.conversations:
+            if self.find_test_entities(json.dumps(conv.messages, ensure_ascii=False)):
+                trace.dropped_conversations += 1
+            else:
+                kept.append(conv)
+        trace.conversations = kept
+        return trace
+
+    def _build_cities(self, task: Task) -> TaskTrace:
+        iso = task.meta["params"]["country"]
+        n = task.meta["params"]["n"]
+        subs = []
+        for s in range(1, n + 1, CITY_CHUNK):
+            e = min(n, s + CITY_CHUNK - 1)
+            msgs, ans = run_city_ranks(self.index, self.data, iso, s, e)
+            subs.append(_SubTask(f"{AGENT_NAME}-{len(subs) + 1}", msgs[1]["content"], msgs, ans))
+        final_rows = [[r["city"], r["population"]] for r in task.gold]
+        final = markdown_table(task.columns, final_rows)
+        orch = self._tool_form(task, [subs], final)
+        agg = len(subs) > 1
+        plan = CompactPlan(agents=[CompactAgent(id=f"cities-{i + 1}", task=s.task) for i, s in enumerate(subs)],
+                           aggregate="llm" if agg else "concat",
+                           aggregate_prompt=aggregate_table_prompt(task.columns) if agg else "")
+        convs = [Conversation("subagent", task.id, "top_cities", s.messages, self.search_tools) for s in subs]
+        convs.append(orch)
+        convs.append(self._plan_conv(task, plan))
+        results = [(a.id, s.answer) for a, s in zip(plan.agents, subs)]
+        if agg:
+            agg_conv, plan_answer = self._aggregate_conv(task, plan, results, final)
+            convs.append(agg_conv)
+        else:
+            plan_answer = _concat(results)
+        return TaskTrace(task, convs, final, plan, plan_answer)
+
+    def _build_listing(self, task: Task) -> TaskTrace:
+        t = task.meta["template"]
+        list_text, list_msgs, list_ans, entities = self._lister(task)
+        lookup_attrs, keep_fn, note = self._filter(task)
+        lister = _SubTask(f"{AGENT_NAME}-1", list_text, list_msgs, list_ans)
+        # Tool form: the orchestrator reads the list, then splits the lookups in chunks of 3.
+        lookups = self._lookups(entities, lookup_attrs, AGENT_NAME)
+        for i, s in enumerate(lookups):
+            s.id = f"{AGENT_NAME}-{i + 2}"
+        gold_by_key = {r["country"]: r for r in task.gold}
+        rows = [c for c in entities if (keep_fn(c) if keep_fn else True)]
+        if sorted(c.name for c in rows) != sorted(gold_by_key):
+            raise TraceError(f"task {task.id}: the oracle's rows differ from the gold rows")
+        final = markdown_table(task.columns, [[_country_value(c, col) for col in task.columns] for c in rows])
+        orch = self._tool_form(task, [[lister], lookups], final)
+        # Plan form: lister -> one filler that depends on it (serial; a PARL trainer may widen it).
+        attrs = [c for c in task.columns if c != "country"]
+        filler_text = (f"For each country in the list you receive, give {_listing([ATTR_TEXT[a] for a in attrs])}."
+                       f"{note} Answer with a markdown table whose columns are: {', '.join(task.columns)}.")
+        plan = CompactPlan(agents=[CompactAgent(id="lister", task=list_text),
+                                   CompactAgent(id="filler", task=filler_text, depends_on=["lister"])],
+                           aggregate="concat")
+        lister_spec = SubAgentSpec(id="lister", task=list_text)
+        filler_user = compose_task_message(filler_text, [(lister_spec, list_ans)])
+        f_msgs, f_ans = run_lookup(self.index, entities, lookup_attrs, rows, note, filler_user)
+        # The filler states only the task's columns.
+        f_ans_cols = markdown_table(task.columns, [[_country_value(c, col) for col in task.columns] for c in rows])
+        if lookup_attrs != attrs:
+            f_msgs[-1]["content"] = f_ans_cols
+            f_ans = f_ans_cols
+        convs = [Conversation("subagent", task.id, t, lister.messages, self.search_tools)]
+        convs += [Conversation("subagent", task.id, t, s.messages, self.search_tools) for s in lookups]
+        convs.append(Conversation("subagent", task.id, t, f_msgs, self.search_tools))
+        convs.append(orch)
+        convs.append(self._plan_conv(task, plan))
+        plan_answer = _concat([("lister", list_ans), ("filler", f_ans)])
+        return TaskTrace(task, convs, final, plan, plan_answer)
+
+    # ---- orchestrator conversations ------------------------------------------------------------
+    def _tool_form(self, task: Task, stages: list[list[_SubTask]], final: str) -> Conversation:
+        spec = JobSpec(task=task.prompt, subagent_tools=["search"])
+        messages: list[dict[str, Any]] = [{"role": "system", "content": orchestrator_system_prompt(spec)},
+                                          {"role": "user", "content": task.prompt}]
+        n = 0
+        for si, stage in enumerate(stages):
+            calls, results = [], []
+            if si == 0:
+                cid = f"functions.{CREATE_SUBAGENT}:{n}"
+                n += 1
+                calls.append({"id": cid, "type": "function", "function": {
+                    "name": CREATE_SUBAGENT,
+                    "arguments": json.dumps({"name": AGENT_NAME, "system_prompt": SUBAGENT_SYSTEM_PROMPT}, ensure_ascii=False)}})
+                results.append({"role": "tool", "tool_call_id": cid, "name": CREATE_SUBAGENT,
+                                "content": f"created sub-agent {AGENT_NAME!r}; give it work with assign_task(agent={AGENT_NAME!r}, task=...)"})
+            for sub in stage:
+                cid = f"functions.{ASSIGN_TASK}:{n}"
+                n += 1
+                calls.append({"id": cid, "type": "function", "function": {
+                    "name": ASSIGN_TASK, "arguments": json.dumps({"agent": AGENT_NAME, "task": sub.task}, ensure_ascii=False)}})
+                results.append({"role": "tool", "tool_call_id": cid, "name": ASSIGN_TASK,
+                                "content": f"[{sub.id}] final answer:\n{sub.answer}"})
+            messages.append({"role": "assistant", "content": "", "tool_calls": calls})
+            messages.extend(results)
+        messages.append({"role": "assistant", "content": final})
+        return Conversation("orchestrator_tools", task.id, task.meta["template"], messages, self.orch_tools)
+
+    def _plan_conv(self, task: Task, plan: CompactPlan) -> Conversation:
+        messages = [{"role": "system", "content": PLAN_MODE_PROMPT}, {"role": "user", "content": task.prompt},
+                    {"role": "assistant", "content": compact_plan_json(plan)}]
+        return Conversation("orchestrator_plan", task.id, task.meta["template"], messages, None)
+
+    def _aggregate_conv(self, task: Task, plan: CompactPlan, results: list[tuple[str, str]], final: str) -> tuple[Conversation, str]:
+        body = "\n\n".join(f"### Result of {rid}\n{text}" for rid, text in results)
+        messages = [{"role": "system", "content": AGGREGATOR_SYSTEM_PROMPT},
+                    {"role": "user", "content": f"{plan.aggregate_prompt.strip()}\n\n{body}"},
+                    {"role": "assistant", "content": final}]
+        return Conversation("aggregate", task.id, task.meta["template"], messages, None), final
+
+    # ---- leakage ---------------------------------------------------------------------------------
+    def find_test_entities(self, text: str) -> list[str]:
+        """Test-split country names or documents shown in `text` (train names containing one are masked)."""
+        return find_test_entities(text, self.test_names, self.data)
+
+
+def _concat(results: list[tuple[str, str]]) -> str:
+    """What swarm.job_host returns for aggregate == "concat" (ids equal names in our plans)."""
+    return "\n\n".join(f"## {rid}\n{text}" for rid, text in results)
+
+
+def _test_country_names(data: GeoData) -> tuple[list[str], list[str], set[str]]:
+    test = sorted({c.name for c in data.countries.values() if split_of_country(data, c.iso) == "test"}
+                  | {a for c in data.countries.values() if split_of_country(data, c.iso) == "test"
+                     for a in data.country_aliases(c.iso)}, key=len, reverse=True)
+    train = sorted({c.name for c in data.countries.values() if split_of_country(data, c.iso) == "train"}
+                   | {a for c in data.countries.values() if split_of_country(data, c.iso) == "train"
+                      for a in data.country_aliases(c.iso)}, key=len, reverse=True)
+    test_iso = {c.iso for c in data.countries.values() if split_of_country(data, c.iso) == "test"}
+    return test, train, test_iso
+
+
+_DOC_ID_RE = re.compile(r"id=(country|list:cities|list:continent):([A-Z]{2})|id=city:(\d+)")
+
+
+def find_test_entities(text: str, names: tuple[list[str], list[str], set[str]], data: GeoData) -> list[str]:
+    test, train, test_iso = names
+    masked = text
+    for name in train:
+        if any(t in name and t != name for t in test):
+            masked = re.sub(rf"(?<!\w){re.escape(name)}(?!\w)", " ", masked)
+    found = [n for n in test if re.search(rf"(?<!\w){re.escape(n)}(?!\w)", masked)]
+    test_continents = {"AF", "SA"}
+    for m in _DOC_ID_RE.finditer(text):
+        kind, code, city = m.groups()
+        if city is not None:
+            c = data.cities.get(int(city))
+            if c is not None and c.country in test_iso:
+                found.append(f"city:{city}")
+        elif (kind == "list:continent" and code in test_continents) or (kind != "list:continent" and code in test_iso):
+            found.append(f"{kind}:{code}")
+    return found
+
+
+# --------------------------------------------------------------------------------- datasets
+
+@dataclass
+class SynthesisReport:
+    tasks_seen: int = 0
+    tasks_used: int = 0
+    dropped: Counter = field(default_factory=Counter)  # "template: reason" -> tasks skipped
+    conversations: Counter = field(default_factory=Counter)  # kind -> conversations kept
+    leaky_conversations: int = 0  # conversations left out for showing a test-split entity
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"tasks_seen": self.tasks_seen, "tasks_used": self.tasks_used, "dropped": dict(self.dropped),
+                "conversations": dict(self.conversations), "leaky_conversations": self.leaky_conversations}
+
+
+def synthesize(env: Any, tasks: list[Task], corpus_path: str | Path | None = None) -> tuple[list[TaskTrace], SynthesisReport]:
+    """Traces of the given train tasks; tasks that cannot give a correct, leak-free trace are skipped."""
+    bad = [t.id for t in tasks if t.split != "train"]
+    if bad:
+        raise TraceError(f"traces are built from train tasks only; got test tasks {bad[:3]}")
+    builder = TraceBuilder(env, corpus_path)
+    report = SynthesisReport()
+    out = []
+    for task in tasks:
+        report.tasks_seen += 1
+        try:
+            trace = builder.build(task)
+        except TraceError as e:
+            reason = "oracle rows differ" if "gold rows" in str(e) else "search cannot show the facts"
+            report.dropped[f"{task.meta['template']}: {reason}"] += 1
+            continue
+        out.append(trace)
+        report.tasks_used += 1
+        report.leaky_conversations += trace.dropped_conversations
+        report.conversations.update(c.kind for c in trace.conversations)
+    return out, report
+
+
+def encode_conversation(conv: Conversation, tokenizer: Any) -> EncodedExample:
+    """Token ids of the rendered conversation and a mask that is 1 on assistant-written tokens.
+
+    Targets are the body of each assistant turn (content and tool-call section) and its closing
+    <|im_end|>; the turn's opening `<|im_assistant|>assistant<|im_middle|>` is the generation prompt
+    and stays unmasked, as does every system, user and tool block.
+    """
+    segs = render_segments(conv.messages, conv.tools, add_generation_prompt=False)
+    ids: list[int] = []
+    mask: list[int] = []
+    in_assistant = False
+    header = 0  # position within the 3-piece assistant header
+    for text, control in segs:
+        toks = tokenizer.encode(text, allow_special=control)
+        target = 0
+        if control and text == "<|im_assistant|>":
+            header = 1
+        elif header == 1 and not control and text == "assistant":
+            header = 2
+        elif header == 2 and control and text == "<|im_middle|>":
+            header = 0
+            in_assistant = True
+        elif in_assistant:
+            target = 1
+            if control and text == "<|im_end|>":
+                in_assistant = False
+        else:
+            header = 0
+        ids += toks
+        mask += [target] * len(toks)
+    return EncodedExample(conv.kind, conv.task_id, ids, mask)
+
+
+def length_stats(examples: list[EncodedExample]) -> dict[str, dict[str, float]]:
+    """Per kind: count, min, median, p90, max token length."""
+    out: dict[str, dict[str, float]] = {}
+    for kind in sorted({e.kind for e in examples}):
+        lens = sorted(len(e) for e in examples if e.kind == kind)
+        out[kind] = {"count": len(lens), "min": lens[0], "median": lens[len(lens) // 2],
+                     "p90": lens[min(len(lens) - 1, int(0.9 * len(lens)))], "max": lens[-1]}
+    return out

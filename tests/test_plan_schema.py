@@ -1,0 +1,104 @@
+"""The plan-mode schema: parse_plan's conversions and errors, and that the engine's grammar admits
+exactly the text the policy is trained to write."""
+
+from __future__ import annotations
+
+import json
+
+import jsonschema
+import pytest
+
+from model_shards.engine_api import Constraint
+from model_shards.structured import GrammarCache
+from model_shards.tokenizer import ByteTokenizer
+from planner.plan_schema import (
+    CompactAgent,
+    CompactPlan,
+    PlanParseError,
+    compact_plan_json,
+    parse_plan,
+    plan_json_schema,
+)
+from planner.prompts import SUBAGENT_SYSTEM_PROMPT
+from swarm.dag import validate_plan
+from swarm.plans import Limits
+
+
+def _plan() -> CompactPlan:
+    return CompactPlan(
+        agents=[
+            CompactAgent(id="lister", task="List all countries of Europe. Answer with names separated by '; '."),
+            CompactAgent(id="filler", task="For each country give its area in km².", depends_on=["lister"]),
+        ],
+        aggregate="llm",
+        aggregate_prompt="Merge into one table with columns: country, area_km2.",
+    )
+
+
+def test_parse_plan_fills_prompt_and_tools_and_validates():
+    plan = parse_plan(compact_plan_json(_plan()))
+    assert [s.id for s in plan.subagents] == ["lister", "filler"]
+    assert plan.subagents[1].depends_on == ["lister"]
+    assert all(s.system_prompt == SUBAGENT_SYSTEM_PROMPT and s.tools == ["search"] for s in plan.subagents)
+    assert plan.aggregate == "llm" and plan.aggregate_prompt.startswith("Merge")
+    graph = validate_plan(plan, Limits(), {"search"})
+    assert list(graph.edges) == [("lister", "filler")]
+
+
+def test_parse_plan_accepts_a_code_fence_and_custom_tools():
+    text = "```json\n" + compact_plan_json(_plan()) + "\n```"
+    plan = parse_plan(text, system_prompt="be brief", tools=["search", "calculator"])
+    assert plan.subagents[0].system_prompt == "be brief"
+    assert plan.subagents[0].tools == ["search", "calculator"]
+
+
+@pytest.mark.parametrize(
+    "text, fragment",
+    [
+        ("", "empty"),
+        ("{not json", "not valid JSON"),
+        ("[1, 2]", "must be a JSON object"),
+        ('{"agents": []}', "agents"),
+        ('{"agents": [{"id": "a", "task": "t"}], "extra": 1}', "extra"),
+        ('{"agents": [{"id": "bad id!", "task": "t"}]}', "agents.0.id"),
+        ('{"agents": [{"id": "a", "task": ""}]}', "agents.0.task"),
+        ('{"agents": [{"id": "a", "task": "t", "depends_on": ["zz"]}]}', "unknown agent 'zz'"),
+        ('{"agents": [{"id": "a", "task": "t", "depends_on": ["b"]}, {"id": "b", "task": "t", "depends_on": ["a"]}]}',
+         "dependency cycle"),
+        ('{"agents": [{"id": "a", "task": "t"}, {"id": "a", "task": "u"}]}', "duplicate agent id 'a'"),
+        ('{"agents": [{"id": "a", "task": "t"}], "aggregate": "vote"}', "aggregate"),
+    ],
+)
+def test_parse_plan_errors_name_the_problem(text, fragment):
+    with pytest.raises(PlanParseError) as e:
+        parse_plan(text)
+    assert fragment in str(e.value)
+
+
+def test_parse_plan_respects_limits():
+    agents = [{"id": f"a{i}", "task": "t"} for i in range(5)]
+    with pytest.raises(PlanParseError, match="max_subagents=3"):
+        parse_plan(json.dumps({"agents": agents}), limits=Limits(max_subagents=3))
+
+
+def test_schema_accepts_the_trained_text_and_rejects_bad_plans():
+    schema = plan_json_schema()
+    jsonschema.Draft202012Validator.check_schema(schema)
+    jsonschema.validate(json.loads(compact_plan_json(_plan())), schema)
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate({"agents": [{"id": "a", "task": "t", "depends_on": [], "x": 1}], "aggregate": "concat"}, schema)
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate({"agents": [], "aggregate": "concat"}, schema)
+
+
+def test_engine_grammar_admits_exactly_the_trained_plan_text():
+    tok = ByteTokenizer()
+    matcher = GrammarCache(tok).matcher(Constraint("json_schema", json.dumps(plan_json_schema())))
+    for plan in (_plan(), CompactPlan(agents=[CompactAgent(id="cities-1", task="List the cities é ²")])):
+        matcher.reset()
+        assert all(matcher.accept(i) for i in tok.encode(compact_plan_json(plan)))
+        assert matcher.accept(tok.eos_id) and matcher.is_terminated()
+    # A plan with an unknown key is outside the grammar.
+    matcher.reset()
+    bad = '{"agents": [{"id": "a", "task": "t", "depends_on": [], "tools": []}]'
+    assert not all(matcher.accept(i) for i in tok.encode(bad))

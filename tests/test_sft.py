@@ -1,0 +1,141 @@
+"""SFT trainer on the `tiny` preset: the loss falls, the checkpoint loads back with identical logits,
+and a resumed run ends exactly where an uninterrupted one does."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import pytest
+import torch
+
+from model_shards.checkpoint import load_checkpoint
+from model_shards.config import ModelConfig
+from model_shards.model import KimiK2ForCausalLM
+from model_shards.tokenizer import ByteTokenizer
+from planner.envs import get_env
+from planner.sft import (
+    LOG_FILE,
+    POLICY_FILE,
+    STATE_FILE,
+    SFTConfig,
+    SFTData,
+    collate,
+    lr_at,
+    make_batches,
+    masked_lm_loss,
+    parse_args,
+    train,
+)
+from planner.traces import encode_conversation, synthesize
+
+SUFFIX = 320  # keep examples short so that CPU steps are quick; the suffix holds assistant tokens
+
+
+@pytest.fixture(scope="module")
+def data() -> SFTData:
+    env = get_env("widegeo")
+    traces, report = synthesize(env, env.tasks("train", 4, seed=11))
+    tok = ByteTokenizer()
+    examples = [encode_conversation(c, tok) for tr in traces for c in tr.conversations if c.kind in ("orchestrator_plan", "subagent")]
+    short = [replace(e, ids=e.ids[-SUFFIX:], mask=e.mask[-SUFFIX:]) for e in examples]
+    short = [e for e in short if sum(e.mask) > 20]
+    assert len(short) >= 8
+    return SFTData(train=short[:-3], eval=short[-3:], report={"train": report.as_dict()})
+
+
+def _cfg(out, steps: int) -> SFTConfig:
+    return SFTConfig(preset="tiny", out=str(out), steps=steps, seed=3, batch_tokens=4 * SUFFIX, lr=1e-2, warmup=1,
+                     eval_every=3, save_every=100, threads=2)
+
+
+def test_loss_falls_and_checkpoint_round_trips(tmp_path, data):
+    out = tmp_path / "run"
+    res = train(_cfg(out, 6), data=data)
+    assert res.steps == 6
+    assert res.last_loss < res.first_loss
+    assert [s for s, _ in res.eval_losses] == [3, 6]
+    assert res.eval_losses[-1][1] < res.eval_losses[0][1]
+    log = [json.loads(line) for line in (out / LOG_FILE).read_text().splitlines()]
+    assert log[0]["event"] == "start" and [r["step"] for r in log[1:]] == [1, 2, 3, 4, 5, 6]
+    assert "eval_loss" in log[3] and "eval_loss" in log[6]
+    policy = json.loads((out / POLICY_FILE).read_text())
+    assert policy["tokenizer"] == "byte:512" and policy["step"] == 6
+    assert policy["command"].startswith("python -m planner.sft --preset tiny")
+
+    # The HF checkpoint holds exactly the trained weights: same logits as the training state.
+    trained = KimiK2ForCausalLM(ModelConfig.preset("tiny"), dtype=torch.float32)
+    trained.load_state_dict(torch.load(out / STATE_FILE, weights_only=False)["model"])
+    _, loaded = load_checkpoint(out)
+    ids = torch.tensor([data.eval[0].ids])
+    with torch.no_grad():
+        assert torch.equal(trained.forward_logits(ids), loaded.forward_logits(ids))
+        fresh = KimiK2ForCausalLM(ModelConfig.preset("tiny"), dtype=torch.float32)
+        assert not torch.equal(fresh.forward_logits(ids), loaded.forward_logits(ids))
+
+
+def test_resume_matches_an_uninterrupted_run(tmp_path, data):
+    whole = train(_cfg(tmp_path / "whole", 4), data=data)
+    train(_cfg(tmp_path / "split", 2), data=data)
+    resumed = train(_cfg(tmp_path / "split", 4), resume=True, data=data)
+    assert resumed.steps == 4 and resumed.last_loss == whole.last_loss
+    a = torch.load(tmp_path / "whole" / STATE_FILE, weights_only=False)["model"]
+    b = torch.load(tmp_path / "split" / STATE_FILE, weights_only=False)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(ValueError, match="different configuration"):
+        train(_cfg(tmp_path / "split", 5).model_copy(update={"lr": 0.5}), resume=True, data=data)
+
+
+def test_masked_loss_ignores_unmasked_targets():
+    torch.manual_seed(0)
+    model = KimiK2ForCausalLM(ModelConfig.preset("tiny"), dtype=torch.float32)
+    ids = torch.randint(0, 256, (1, 12))
+    mask = torch.zeros(1, 12)
+    mask[0, 8:] = 1
+    loss, n = masked_lm_loss(model, ids, mask)
+    assert n == 4
+    # Only targets 8..11 (predicted from positions 7..10) count.
+    with torch.no_grad():
+        logits = model.forward_logits(ids)[0]
+    expected = torch.nn.functional.cross_entropy(logits[7:11], ids[0, 8:12])
+    assert torch.isclose(loss.detach(), expected, atol=1e-5)
+    with pytest.raises(ValueError, match="no assistant tokens"):
+        masked_lm_loss(model, ids, torch.zeros(1, 12))
+
+
+def test_schedule_batches_and_cli(tmp_path, data):
+    cfg = SFTConfig(out=str(tmp_path), steps=100, lr=1.0, warmup=10, min_lr_ratio=0.1)
+    lrs = [lr_at(s, cfg) for s in range(100)]
+    assert lrs[0] < lrs[5] < lrs[9] == 1.0
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:])) and lrs[-1] == pytest.approx(0.1, abs=1e-3)
+    batches = make_batches(data.train, 3 * SUFFIX, seed=1, epoch=0)
+    assert sorted(i for b in batches for i in b) == list(range(len(data.train)))
+    assert all(len(b) * max(len(data.train[i]) for i in b) <= 3 * SUFFIX for b in batches)
+    assert batches == make_batches(data.train, 3 * SUFFIX, seed=1, epoch=0)
+    assert batches != make_batches(data.train, 3 * SUFFIX, seed=1, epoch=1)
+    ids, mask = collate([data.train[0], data.train[1]], pad_id=270)
+    assert ids.shape == mask.shape and mask.sum() == sum(data.train[0].mask) + sum(data.train[1].mask)
+    parsed, resume = parse_args(["--preset", "tiny", "--out", str(tmp_path), "--steps", "7", "--kinds", "subagent", "--resume"])
+    assert parsed.steps == 7 and parsed.kinds == ["subagent"] and resume
+    with pytest.raises(SystemExit):
+        parse_args(["--out", str(tmp_path), "--kinds", "bogus"])
+
+
+def test_bfloat16_save_halves_the_checkpoint_and_keeps_the_model(tmp_path, data):
+    from planner.sft import save_policy
+
+    torch.manual_seed(0)
+    mcfg = ModelConfig.preset("tiny")
+    model = KimiK2ForCausalLM(mcfg, dtype=torch.float32)
+    for dtype in ("float32", "bfloat16"):
+        cfg = SFTConfig(preset="tiny", out=str(tmp_path / dtype), save_dtype=dtype)
+        save_policy(model, mcfg, cfg, tmp_path / dtype, step=0, data_report={}, eval_loss=None)
+    size = {d: sum(p.stat().st_size for p in (tmp_path / d).glob("*.safetensors")) for d in ("float32", "bfloat16")}
+    assert size["bfloat16"] < 0.6 * size["float32"]
+    cfg16, loaded = load_checkpoint(tmp_path / "bfloat16")
+    assert cfg16.torch_dtype == "bfloat16"
+    ids = torch.tensor([data.eval[0].ids[:64]])
+    with torch.no_grad():
+        ref = model.forward_logits(ids)
+        got = loaded.float().forward_logits(ids)
+    assert torch.allclose(ref, got, atol=0.1, rtol=0.05)

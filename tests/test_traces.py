@@ -1,0 +1,182 @@
+"""Synthesised SFT traces: correct (item-F1 1.0), real search results, parseable tool calls, valid
+plans, assistant-only loss masks, and no test-split entity anywhere."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import jsonschema
+import pytest
+
+from model_shards.chat_template import IM_END, parse_assistant, render
+from model_shards.tokenizer import ByteTokenizer
+from planner.envs import get_env
+from planner.envs.geodata import split_of_country
+from planner.plan_schema import parse_plan
+from planner.traces import (
+    TraceBuilder,
+    TraceError,
+    encode_conversation,
+    length_stats,
+    synthesize,
+)
+from swarm.dag import validate_plan
+from swarm.orchestrator import AssignTaskArgs, CreateSubagentArgs
+from swarm.plans import Limits
+from workers.tools.search import SearchArgs, format_hits, search_corpus
+
+ARG_MODELS = {"search": SearchArgs, "create_subagent": CreateSubagentArgs, "assign_task": AssignTaskArgs}
+
+
+@pytest.fixture(scope="module")
+def env():
+    return get_env("widegeo")
+
+
+@pytest.fixture(scope="module")
+def traced(env):
+    tasks = env.tasks("train", 8, seed=7)  # 2 tasks of each of the 4 templates
+    traces, report = synthesize(env, tasks)
+    return tasks, traces, report
+
+
+def _convs(traced):
+    return [c for tr in traced[1] for c in tr.conversations]
+
+
+def test_most_tasks_give_traces_of_every_kind(traced):
+    tasks, traces, report = traced
+    assert report.tasks_seen == 8 and report.tasks_used == len(traces) >= 6
+    kinds = {c.kind for c in _convs(traced)}
+    assert {"subagent", "orchestrator_tools", "orchestrator_plan"} <= kinds
+    assert {tr.task.meta["template"] for tr in traces} == {"continent_countries", "top_cities", "neighbours",
+                                                           "language_countries"}
+
+
+def test_final_answers_score_full_item_f1(env, traced):
+    for tr in traced[1]:
+        assert env.score(tr.task, tr.tool_form_answer).item_f1 == 1.0, tr.task.id
+        assert env.score(tr.task, tr.plan_answer).item_f1 == 1.0, tr.task.id
+        tool_convs = [c for c in tr.conversations if c.kind == "orchestrator_tools"]
+        for c in tool_convs:
+            assert c.messages[-1]["content"] == tr.tool_form_answer
+        for c in tr.conversations:
+            if c.kind == "aggregate":
+                assert env.score(tr.task, c.messages[-1]["content"]).item_f1 == 1.0
+
+
+def test_plans_validate_and_parse_back(traced):
+    for tr in traced[1]:
+        plan = tr.plan.to_swarm_plan()
+        validate_plan(plan, Limits(), {"search"})
+        for c in tr.conversations:
+            if c.kind == "orchestrator_plan":
+                parsed = parse_plan(c.messages[-1]["content"])
+                assert [s.id for s in parsed.subagents] == [s.id for s in plan.subagents]
+                assert [s.task for s in parsed.subagents] == [s.task for s in plan.subagents]
+
+
+def test_tool_calls_parse_back_with_valid_arguments(traced):
+    n_calls = 0
+    for c in _convs(traced):
+        offered = {t["function"]["name"]: t["function"]["parameters"] for t in c.tools or []}
+        text = render(c.messages, c.tools, add_generation_prompt=False)
+        bodies = [b.split(IM_END)[0] for b in text.split("<|im_assistant|>assistant<|im_middle|>")[1:]]
+        assistants = [m for m in c.messages if m["role"] == "assistant"]
+        assert len(bodies) == len(assistants)
+        for body, msg in zip(bodies, assistants):
+            content, _, calls = parse_assistant(body)
+            want = msg.get("tool_calls") or []
+            assert [k["name"] for k in calls] == [w["function"]["name"] for w in want]
+            assert content == (msg["content"] or "").strip()
+            for call in calls:
+                assert call["name"] in offered
+                args = json.loads(call["arguments"])
+                jsonschema.validate(args, offered[call["name"]])  # the schema the model was shown
+                ARG_MODELS[call["name"]].model_validate(args)  # what the runtime accepts
+                n_calls += 1
+    assert n_calls > 50
+
+
+def test_tool_results_are_the_real_search_output_and_answers_copy_them(env, traced):
+    corpus = env.corpus_path()
+    checked = 0
+    for c in _convs(traced):
+        if c.kind != "subagent":
+            continue
+        calls = {call["id"]: json.loads(call["function"]["arguments"])
+                 for m in c.messages if m["role"] == "assistant" for call in m.get("tool_calls") or []}
+        results = [m for m in c.messages if m["role"] == "tool"]
+        assert results, "a sub-agent trace searches before answering"
+        for m in results:
+            args = calls[m["tool_call_id"]]
+            assert m["content"] == format_hits(search_corpus(corpus, args["query"], args["k"]), args["query"])
+        seen = "\n".join(m["content"] for m in results)
+        answer = c.messages[-1]["content"]
+        cells = [cell.strip() for line in answer.splitlines()[2:] for cell in line.strip("|").split("|")] \
+            if answer.startswith("|") else answer.split("; ")
+        for cell in cells:
+            assert cell in seen, f"{cell!r} is not in the search results"
+            checked += 1
+    assert checked > 100
+
+
+def test_loss_mask_covers_exactly_the_assistant_tokens(traced):
+    tok = ByteTokenizer()
+    for c in _convs(traced)[:40]:
+        ex = encode_conversation(c, tok)
+        assert len(ex.ids) == len(ex.mask)
+        masked = tok.decode([i for i, m in zip(ex.ids, ex.mask) if m])
+        unmasked = tok.decode([i for i, m in zip(ex.ids, ex.mask) if not m])
+        assistants = [m for m in c.messages if m["role"] == "assistant"]
+        assert masked.count(IM_END) == len(assistants)
+        assert "<|im_system|>" not in masked and "<|im_user|>" not in masked and "<|im_assistant|>" not in masked
+        for m in assistants:
+            assert (m["content"] or "") in masked
+            for call in m.get("tool_calls") or []:
+                assert call["function"]["arguments"] in masked
+        for m in c.messages:
+            if m["role"] in ("system", "user", "tool"):
+                assert m["content"] not in masked
+                assert m["content"] in unmasked
+        # Masked plus unmasked text is the whole rendering.
+        assert sorted(masked + unmasked) == sorted(render(c.messages, c.tools, add_generation_prompt=False))
+
+
+def test_no_test_split_entity_in_any_trace(env, traced):
+    data = env.data
+    text = json.dumps([c.messages for c in _convs(traced)], ensure_ascii=False)
+    test_iso = {c.iso for c in data.countries.values() if split_of_country(data, c.iso) == "test"}
+    assert not any(f"country:{iso}" in text or f"list:cities:{iso}:" in text for iso in test_iso)
+    # Test countries whose names are not part of any train country's name must not appear at all.
+    train_names = [c.name for c in data.countries.values() if c.iso not in test_iso]
+    for iso in test_iso:
+        name = data.countries[iso].name
+        if not any(name in t for t in train_names):
+            assert not re.search(rf"(?<!\w){re.escape(name)}(?!\w)", text), name
+    # Entities of the held-out evaluation set never appear as document ids.
+    for task in env.eval_set("v1"):
+        for iso in task.meta["entities"]["countries"]:
+            assert f"id=country:{iso}" not in text
+        for city in task.meta["entities"]["cities"]:
+            assert f"id=city:{city} " not in text
+
+
+def test_test_tasks_are_refused(env):
+    test_task = env.tasks("test", 1, seed=0)[0]
+    with pytest.raises(TraceError, match="train tasks only"):
+        synthesize(env, [test_task])
+    with pytest.raises(TraceError, match="train tasks only"):
+        TraceBuilder(env).build(test_task)
+
+
+def test_length_stats_report_every_kind(traced):
+    tok = ByteTokenizer()
+    examples = [encode_conversation(c, tok) for c in _convs(traced)]
+    stats = length_stats(examples)
+    assert set(stats) == {e.kind for e in examples}
+    for kind, s in stats.items():
+        lens = sorted(len(e) for e in examples if e.kind == kind)
+        assert s["count"] == len(lens) and s["min"] == lens[0] and s["max"] == lens[-1]
+        assert s["min"] <= s["median"] <= s["p90"] <= s["max"]
