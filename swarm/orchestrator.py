@@ -21,9 +21,10 @@ import orjson
 from pydantic import BaseModel, Field, ValidationError
 
 from swarm.dag import PlanValidationError, check_new_node
-from swarm.events import ORCHESTRATOR_ID, SubAgentStep, ToolCalled, ToolResult, _Event
+from swarm.events import ORCHESTRATOR_ID, ToolCalled, ToolResult, _Event
 from swarm.llm import ChatMessage, LLMClient, ToolCall, ToolSpec
 from swarm.plans import JobSpec, SubAgentSpec
+from workers.agent_loop import step_event
 
 CREATE_SUBAGENT = "create_subagent"
 ASSIGN_TASK = "assign_task"
@@ -301,16 +302,7 @@ class Orchestrator:
             out.steps = step
             out.prompt_tokens += res.usage.prompt_tokens
             out.completion_tokens += res.usage.completion_tokens
-            self.host.emit(
-                SubAgentStep(
-                    agent_id=ORCHESTRATOR_ID,
-                    step=step,
-                    content=msg.content,
-                    reasoning=msg.reasoning_content,
-                    prompt_tokens=res.usage.prompt_tokens,
-                    completion_tokens=res.usage.completion_tokens,
-                )
-            )
+            self.host.emit(step_event(ORCHESTRATOR_ID, step, res))
             messages.append(msg)
             if not msg.tool_calls or last:
                 out.answer = msg.content or ""

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Awaitable, Callable
 
 from swarm.events import SubAgentStep, ToolCalled, ToolResult, _Event
-from swarm.llm import ChatMessage, LLMClient, ToolSpec
+from swarm.llm import ChatMessage, ChatResult, LLMClient, ToolSpec
 from workers.tools.registry import ToolContext, ToolRegistry
 
 Emit = Callable[[_Event], None]
@@ -37,6 +37,18 @@ class AgentOutcome:
 
 async def _unlimited() -> bool:
     return True
+
+
+def step_event(agent_id: str, step: int, res: ChatResult) -> SubAgentStep:
+    """The event of one model call of an agent (the orchestrator's included)."""
+    return SubAgentStep(
+        agent_id=agent_id,
+        step=step,
+        content=res.message.content,
+        reasoning=res.message.reasoning_content,
+        prompt_tokens=res.usage.prompt_tokens,
+        completion_tokens=res.usage.completion_tokens,
+    )
 
 
 async def run_agent(
@@ -80,16 +92,7 @@ async def run_agent(
         msg = res.message
         prompt_tokens += res.usage.prompt_tokens
         completion_tokens += res.usage.completion_tokens
-        emit(
-            SubAgentStep(
-                agent_id=agent_id,
-                step=steps,
-                content=msg.content,
-                reasoning=msg.reasoning_content,
-                prompt_tokens=res.usage.prompt_tokens,
-                completion_tokens=res.usage.completion_tokens,
-            )
-        )
+        emit(step_event(agent_id, steps, res))
         messages.append(msg)
         if not msg.tool_calls or last:
             return AgentOutcome(
