@@ -169,6 +169,7 @@ def main(argv: list[str] | None = None) -> None:
     a = ap.parse_args(argv)
 
     rows: list[dict[str, Any]] = []
+    load_before = os.getloadavg()[0]  # the machine may be shared: report how busy it was
     with tempfile.TemporaryDirectory() as ckpt:
         in_fresh_process("make_checkpoint", ckpt, a.seed)
         for b in a.batches:
@@ -179,18 +180,22 @@ def main(argv: list[str] | None = None) -> None:
                 if "tokens" in r and "tokens" in hf:
                     same = sum(x == y for x, y in zip(r["tokens"], hf["tokens"]))
                     r["same_as_hf"] = f"{same}/{b}"
+                if "decode_tps" in r and "decode_tps" in hf:
+                    r["speedup"] = r["decode_tps"] / hf["decode_tps"]
                 rows.append({"system": "model_shards engine", "tp": tp, "batch": b, **r})
             print(f"done batch {b}", file=sys.stderr, flush=True)
 
     print(f"\nsmall preset, prompt {a.prompt_len} tokens, {a.new_tokens} new tokens, greedy, fp32, "
-          f"{a.threads} threads, best of {a.repeat} runs, torch {torch.__version__}, {os.cpu_count()} CPUs\n")
-    print("| system | TP | batch | TTFT (ms) | decode tok/s | peak RSS (MB) | greedy tokens equal to HF |")
-    print("|---|---|---|---|---|---|---|")
+          f"{a.threads} threads, best of {a.repeat} runs, torch {torch.__version__}, {os.cpu_count()} CPUs, "
+          f"1-min load average {load_before:.1f} before and {os.getloadavg()[0]:.1f} after\n")
+    print("| system | TP | batch | TTFT (ms) | decode tok/s | decode × HF | peak RSS (MB) | greedy tokens equal to HF |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         if "error" in r:
-            print(f"| {r['system']} | {r['tp']} | {r['batch']} | error: {r['error']} | | | |")
+            print(f"| {r['system']} | {r['tp']} | {r['batch']} | error: {r['error']} | | | | |")
             continue
-        print(f"| {r['system']} | {r['tp']} | {r['batch']} | {r['ttft_s'] * 1000:.1f} | {r['decode_tps']:.1f} | "
+        ratio = f"{r['speedup']:.2f}" if "speedup" in r else "-"
+        print(f"| {r['system']} | {r['tp']} | {r['batch']} | {r['ttft_s'] * 1000:.1f} | {r['decode_tps']:.1f} | {ratio} | "
               f"{r['peak_mb']:.0f} | {r.get('same_as_hf', '-')} |")
     if a.json:
         with open(a.json, "w") as f:

@@ -351,12 +351,14 @@ def build_engine(
     model_name: str = "kimi-k2",
     use_ray: bool = True,
     num_cpus_per_shard: float = 1.0,
+    shard_resources: Mapping[str, float] | None = None,
     **engine_kwargs: Any,
 ) -> LLMEngine:
     """An LLMEngine over a model built from `spec`: in this process for tp == 1; else T Ray shards
     (use_ray) or T local processes joined by torch.distributed (this process is rank 0).
 
     tokenizer: "byte", "byte:VOCAB", or a directory with Kimi's tiktoken.model.
+    shard_resources: custom Ray resources added to each shard's bundle (Ray shards only, tp > 1).
     """
     from model_shards.model_runner import LocalRunnerGroup
     from model_shards.tokenizer import load_tokenizer
@@ -374,7 +376,7 @@ def build_engine(
 
         if not ray.is_initialized():
             ray.init()
-        runners = RayShardGroup.create(spec, tp, num_cpus_per_shard=num_cpus_per_shard)
+        runners = RayShardGroup.create(spec, tp, num_cpus_per_shard=num_cpus_per_shard, bundle_resources=shard_resources)
     else:
         from model_shards.model_runner import DistributedRunnerGroup
 

@@ -201,6 +201,20 @@ class Rotary:
         freqs = positions.float().unsqueeze(-1) * self.inv_freq.to(positions.device)
         return (freqs.cos() * self.attention_scaling).to(dtype), (freqs.sin() * self.attention_scaling).to(dtype)
 
+    def matrices(self, positions: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """[T, dim, dim] per-token maps R with x @ R == apply(x, cos, sin) for positions [T]: the serving path
+        ropes every head's query and the key with one batched matmul instead of a dozen elementwise ops."""
+        cos, sin = self.cos_sin(positions, dtype)  # [T, half]
+        t, half = cos.shape
+        rot = cos.new_zeros(t, 2 * half, 2 * half)
+        i = torch.arange(half, device=cos.device)
+        first, second = (2 * i, 2 * i + 1) if self.interleave else (i, i + half)
+        rot[:, first, i] = cos
+        rot[:, second, i] = -sin
+        rot[:, second, i + half] = cos
+        rot[:, first, i + half] = sin
+        return rot
+
     def apply(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """x [..., dim]; cos/sin broadcastable to [..., dim/2]. Output in HF's (de-interleaved) layout."""
         if self.interleave:
@@ -212,6 +226,11 @@ class Rotary:
 
 
 # ---- attention -------------------------------------------------------------------------------------------
+# Per-call overhead tricks (fused small projections, RoPE as one matmul) only where tensors are small enough
+# that launch overhead dominates; beyond these sizes the plain path is as fast and needs no extra memory.
+_FUSE_MAX_ELEMENTS = 1 << 22
+_ROPE_MATRIX_MAX_ELEMENTS = 1 << 17
+
 class MLAttention(nn.Module):
     """Multi-head latent attention; this rank holds heads [h0, h1)."""
 
@@ -232,21 +251,47 @@ class MLAttention(nn.Module):
         self.o_proj = Linear(self.n_heads * cfg.v_head_dim, h, dtype, init)
         self.scale = cfg.softmax_scale
 
-    def _project(self, x: torch.Tensor, rotary: Rotary, positions: torch.Tensor
+    def _fused_a_weight(self) -> torch.Tensor:
+        """[q_a_proj; kv_a_proj_with_mqa] stacked, so serving runs one matmul for both (both read x).
+        Rebuilt when either weight is replaced or updated in place (version counters); no autograd."""
+        parts = (self.q_a_proj.weight, self.kv_a_proj_with_mqa.weight)
+        key = tuple((id(w), w.data_ptr(), w._version) for w in parts)
+        cached = getattr(self, "_fused_a_cache", None)
+        if cached is None or cached[0] != key:
+            cached = (key, torch.cat([w.detach() for w in parts], dim=0))
+            self._fused_a_cache = cached
+        return cached[1]
+
+    def _fuse_a_projections(self, x: torch.Tensor) -> bool:
+        """Only small CPU models gain from saving one matmul launch; big ones would pay a second copy of
+        the weights for nothing (their matmuls are compute-bound)."""
+        w = self.q_a_proj.weight
+        return x.device.type == "cpu" and w.numel() + self.kv_a_proj_with_mqa.weight.numel() <= _FUSE_MAX_ELEMENTS
+
+    def _project(self, x: torch.Tensor, rotary: Rotary, positions: torch.Tensor,
+                 rope: torch.Tensor | None = None
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """x [..., H] -> q_nope [..., h, nope], q_pe [..., h, rope] (roped), latent [..., R] (normed), k_pe [..., rope] (roped)."""
+        """x [..., H] -> q_nope [..., h, nope], q_pe [..., h, rope] (roped), latent [..., R] (normed), k_pe [..., rope] (roped).
+        rope: rotary.matrices(positions) for x [T, H], computed once per forward for every layer."""
         cfg = self.cfg
-        if cfg.q_lora_rank:
-            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        if cfg.q_lora_rank and not torch.is_grad_enabled() and self._fuse_a_projections(x):
+            q_a, kv = F.linear(x, self._fused_a_weight()).split(
+                [cfg.q_lora_rank, cfg.kv_lora_rank + cfg.qk_rope_head_dim], dim=-1)
+            q = self.q_b_proj(self.q_a_layernorm(q_a))
         else:
-            q = self.q_proj(x)
+            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x))) if cfg.q_lora_rank else self.q_proj(x)
+            kv = self.kv_a_proj_with_mqa(x)
         q = q.view(*x.shape[:-1], self.n_heads, cfg.qk_head_dim)
         q_nope, q_pe = q.split([cfg.qk_nope_head_dim, cfg.qk_rope_head_dim], dim=-1)
-        latent, k_pe = self.kv_a_proj_with_mqa(x).split([cfg.kv_lora_rank, cfg.qk_rope_head_dim], dim=-1)
+        latent, k_pe = kv.split([cfg.kv_lora_rank, cfg.qk_rope_head_dim], dim=-1)
         latent = self.kv_a_layernorm(latent)
-        cos, sin = rotary.cos_sin(positions, x.dtype)
-        q_pe = rotary.apply(q_pe, cos.unsqueeze(-2), sin.unsqueeze(-2))
-        k_pe = rotary.apply(k_pe, cos, sin)
+        if rope is not None:  # x is [T, H]: rope the h query heads and the key as h+1 rows per token
+            roped = torch.bmm(torch.cat([q_pe, k_pe.unsqueeze(1)], dim=1), rope)
+            q_pe, k_pe = roped[:, :-1], roped[:, -1]
+        else:
+            cos, sin = rotary.cos_sin(positions, x.dtype)
+            q_pe = rotary.apply(q_pe, cos.unsqueeze(-2), sin.unsqueeze(-2))
+            k_pe = rotary.apply(k_pe, cos, sin)
         return q_nope, q_pe, latent, k_pe
 
     def _expand(self, latent: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -255,20 +300,19 @@ class MLAttention(nn.Module):
         return kv.split([self.cfg.qk_nope_head_dim, self.cfg.v_head_dim], dim=-1)
 
     def _attend_naive(self, q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor, k_pe: torch.Tensor,
-                      q_offset: int) -> torch.Tensor:
-        """Expanded-KV attention. q_* [B, n, h, d]; latent [B, m, R]; k_pe [B, m, P]; query i sits at key
-        position q_offset + i (causal). Returns [B, n, h*v]."""
+                      visible: torch.Tensor) -> torch.Tensor:
+        """Expanded-KV attention. q_* [B, n, h, d]; latent [B, m, R]; k_pe [B, m, P]; visible [B or 1, n, m]
+        says which keys each query sees (every query must see at least one). Returns [B, n, h*v]."""
         k_nope, v = self._expand(latent)
         b, n, h, _ = q_nope.shape
         m = latent.shape[1]
+        # One matmul over [nope | rope] (not two summed ones): low-precision dtypes round the sum once.
         q = torch.cat([q_nope, q_pe], dim=-1).transpose(1, 2)  # [B, h, n, dk]
         k = torch.cat([k_nope, k_pe.unsqueeze(2).expand(b, m, h, k_pe.shape[-1])], dim=-1).transpose(1, 2)
+        scores = torch.matmul(q, k.transpose(-1, -2)) * self.scale  # [B, h, n, m]
         v = v.transpose(1, 2)
-        q_pos = torch.arange(n, device=q.device) + q_offset
-        mask = torch.arange(m, device=q.device).unsqueeze(0) <= q_pos.unsqueeze(1)  # [n, m]
-        scores = torch.matmul(q, k.transpose(-1, -2)) * self.scale
-        scores = scores.masked_fill(~mask, float("-inf"))
-        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+        scores = scores.masked_fill(~visible.unsqueeze(1), float("-inf"))
+        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(v.dtype)
         out = torch.matmul(probs, v)  # [B, h, n, v]
         return out.transpose(1, 2).reshape(b, n, h * self.cfg.v_head_dim)
 
@@ -282,46 +326,96 @@ class MLAttention(nn.Module):
                                 slots: torch.Tensor, seq_lens: torch.Tensor) -> torch.Tensor:
         """One new token per sequence: attention over the cached latent. q_* [S, h, d] -> [S, h*v]."""
         w_k, w_v = self.absorbed_weights()
-        q_latent = torch.einsum("shd,hdr->shr", q_nope, w_k)
+        q_latent = torch.bmm(q_nope.transpose(0, 1), w_k).transpose(0, 1)  # [S, h, R]
         latent, k_rope = cache.latent[self.layer_idx], cache.k_rope[self.layer_idx]
         k = _kernels()
         if k is not None and hasattr(k, "mla_decode"):
             o_latent = k.mla_decode(q_latent, q_pe, latent, k_rope, slots, seq_lens, self.scale)
         else:
             o_latent = mla_decode_torch(q_latent, q_pe, latent, k_rope, slots, seq_lens, self.scale)
-        out = torch.einsum("shr,hvr->shv", o_latent.to(q_nope.dtype), w_v)
-        return out.reshape(out.shape[0], -1)
+        out = torch.bmm(o_latent.to(q_nope.dtype).transpose(0, 1), w_v.transpose(1, 2))  # [h, S, v]
+        return out.transpose(0, 1).reshape(out.shape[1], -1)
 
     def forward_dense(self, x: torch.Tensor, rotary: Rotary) -> torch.Tensor:
         """x [B, L, H], positions 0..L-1, no cache -> partial o_proj output [B, L, H] (before all-reduce)."""
-        positions = torch.arange(x.shape[1], device=x.device).expand(x.shape[0], -1)
+        n = x.shape[1]
+        positions = torch.arange(n, device=x.device).expand(x.shape[0], -1)
         q_nope, q_pe, latent, k_pe = self._project(x, rotary, positions)
-        return self.o_proj(self._attend_naive(q_nope, q_pe, latent, k_pe, 0))
+        causal = torch.ones(n, n, dtype=torch.bool, device=x.device).tril().unsqueeze(0)
+        return self.o_proj(self._attend_naive(q_nope, q_pe, latent, k_pe, causal))
 
     def forward_cached(self, x: torch.Tensor, plan: "_BatchPlan", cache: LatentKVCache | None, rotary: Rotary,
-                       absorbed_decode: bool) -> torch.Tensor:
-        """x [T, H] of a ragged batch; writes latents into the cache; -> partial o_proj output [T, H]."""
+                       absorbed_decode: bool, rope: torch.Tensor | None = None) -> torch.Tensor:
+        """x [T, H] of a ragged batch; writes latents into the cache; -> partial o_proj output [T, H].
+        One-token rows attend over the latent (absorbed) when allowed; the others run as one padded batch."""
         batch = plan.batch
-        q_nope, q_pe, latent, k_pe = self._project(x, rotary, batch.positions)
+        q_nope, q_pe, latent, k_pe = self._project(x, rotary, batch.positions, rope)
         if cache is not None:  # one scatter for the whole batch
             cache.latent[self.layer_idx, plan.token_slots, plan.token_cache_pos] = latent.to(cache.latent.dtype)
             cache.k_rope[self.layer_idx, plan.token_slots, plan.token_cache_pos] = k_pe.to(cache.k_rope.dtype)
-        if cache is not None and absorbed_decode and plan.is_decode:
+        if cache is None or not absorbed_decode or plan.decode is None:
+            assert plan.whole is not None
+            return self.o_proj(self._attend_padded(q_nope, q_pe, latent, k_pe, cache, plan.whole))
+        if plan.prefill is None:
             out = self._attend_absorbed_decode(q_nope, q_pe, cache, batch.cache_slots, batch.context_lens + 1)
             return self.o_proj(out)
-        outs = []
-        for s, (a, b) in enumerate(zip(plan.cu, plan.cu[1:])):
-            ctx = plan.ctx[s]
-            if cache is not None:
-                end = ctx + b - a
-                lat = cache.latent[self.layer_idx, plan.slots[s], :end].to(x.dtype)
-                kpe = cache.k_rope[self.layer_idx, plan.slots[s], :end].to(x.dtype)
-            else:
-                lat, kpe = latent[a:b], k_pe[a:b]
-            o = self._attend_naive(q_nope[a:b].unsqueeze(0), q_pe[a:b].unsqueeze(0), lat.unsqueeze(0),
-                                   kpe.unsqueeze(0), ctx)
-            outs.append(o[0])
-        return self.o_proj(torch.cat(outs, dim=0))
+        d, p = plan.decode, plan.prefill
+        out = x.new_empty(x.shape[0], self.n_heads * self.cfg.v_head_dim)
+        out[d.tokens] = self._attend_absorbed_decode(q_nope[d.tokens], q_pe[d.tokens], cache, d.slots, d.ctx + 1)
+        out[p.tokens] = self._attend_padded(q_nope, q_pe, latent, k_pe, cache, p)
+        return self.o_proj(out)
+
+    def _attend_padded(self, q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor, k_pe: torch.Tensor,
+                       cache: LatentKVCache | None, g: "_PaddedGroup") -> torch.Tensor:
+        """Naive attention for the group's sequences at once, each padded to the longest; -> [T_group, h*v]
+        in token order. Keys come from the cache (which already holds this step's latents) or, without a
+        cache, from this step's own tokens."""
+        if cache is not None:
+            lat = cache.latent[self.layer_idx, :, : g.keys].index_select(0, g.slots).to(q_nope.dtype)
+            kpe = cache.k_rope[self.layer_idx, :, : g.keys].index_select(0, g.slots).to(q_nope.dtype)
+        else:
+            lat, kpe = latent[g.gather], k_pe[g.gather]
+        o = self._attend_naive(q_nope[g.gather], q_pe[g.gather], lat, kpe, g.visible)
+        return o.reshape(-1, o.shape[-1])[g.scatter]
+
+
+@dataclass
+class _DecodeRows:
+    """The one-token sequences of a batch (absorbed attention over the latent cache)."""
+
+    tokens: torch.Tensor  # [D] their token indices in the batch
+    slots: torch.Tensor  # [D] cache slots
+    ctx: torch.Tensor  # [D] context lengths before this token
+
+
+@dataclass
+class _PaddedGroup:
+    """Sequences run as one padded [G, L, ...] attention batch (L = longest of them)."""
+
+    tokens: torch.Tensor  # [T_g] their token indices in the batch (token order)
+    slots: torch.Tensor  # [G] cache slots
+    gather: torch.Tensor  # [G, L] batch token index of each padded query (pads repeat a real token)
+    scatter: torch.Tensor  # [T_g] row of each real token in the flattened [G*L] output
+    visible: torch.Tensor  # [G, L, keys] query i of sequence g sees key j iff j <= ctx_g + i
+    keys: int  # key positions attended: max over the group of ctx + new tokens
+
+    @classmethod
+    def of(cls, batch: ForwardBatch, seqs: list[int], cu: list[int], ctx: list[int]) -> "_PaddedGroup":
+        dev = batch.input_ids.device
+        lens = [cu[s + 1] - cu[s] for s in seqs]
+        longest = max(lens)
+        keys = max(ctx[s] + n for s, n in zip(seqs, lens))
+        starts = torch.tensor([cu[s] for s in seqs], dtype=torch.int64, device=dev)
+        lens_t = torch.tensor(lens, dtype=torch.int64, device=dev)
+        ctx_t = torch.tensor([ctx[s] for s in seqs], dtype=torch.int64, device=dev)
+        i = torch.arange(longest, device=dev)
+        real = i.unsqueeze(0) < lens_t.unsqueeze(1)  # [G, L]
+        gather = starts.unsqueeze(1) + torch.minimum(i.unsqueeze(0), lens_t.unsqueeze(1) - 1)
+        tokens = gather[real]
+        scatter = (torch.arange(len(seqs), device=dev).unsqueeze(1) * longest + i.unsqueeze(0))[real]
+        q_pos = ctx_t.unsqueeze(1) + i.unsqueeze(0)  # [G, L] key position of each query
+        visible = torch.arange(keys, device=dev).view(1, 1, -1) <= q_pos.unsqueeze(-1)
+        return cls(tokens, batch.cache_slots[seqs], gather, scatter, visible, keys)
 
 
 @dataclass
@@ -329,23 +423,33 @@ class _BatchPlan:
     """Host-side facts about a ForwardBatch, computed once per forward instead of once per layer."""
 
     batch: ForwardBatch
-    cu: list[int]
-    ctx: list[int]
-    slots: list[int]
-    is_decode: bool
     token_slots: torch.Tensor  # [T] cache slot of each token
     token_cache_pos: torch.Tensor  # [T] cache position each token's latent goes to
+    whole: "_PaddedGroup | None"  # every sequence, for the naive path (built only when that path runs)
+    decode: _DecodeRows | None  # one-token sequences, if any
+    prefill: "_PaddedGroup | None"  # the other sequences, if any
 
     @classmethod
-    def of(cls, batch: ForwardBatch) -> "_BatchPlan":
+    def of(cls, batch: ForwardBatch, absorbed_decode: bool) -> "_BatchPlan":
         cu = batch.cu_seqlens.tolist()
+        ctx = batch.context_lens.tolist()
         lens = batch.cu_seqlens[1:] - batch.cu_seqlens[:-1]
         t = batch.input_ids.numel()
         token_slots = torch.repeat_interleave(batch.cache_slots, lens, output_size=t)
         offset = torch.repeat_interleave(batch.context_lens - batch.cu_seqlens[:-1], lens, output_size=t)
         pos = offset + torch.arange(t, device=offset.device)
-        return cls(batch, cu, batch.context_lens.tolist(), batch.cache_slots.tolist(), t == len(cu) - 1,
-                   token_slots, pos)
+        n_seqs = len(cu) - 1
+        one = [s for s in range(n_seqs) if cu[s + 1] - cu[s] == 1]
+        more = [s for s in range(n_seqs) if cu[s + 1] - cu[s] > 1]
+        decode = None
+        if one:
+            idx = torch.tensor(one, dtype=torch.int64, device=batch.input_ids.device)
+            decode = _DecodeRows(batch.cu_seqlens[idx], batch.cache_slots[idx], batch.context_lens[idx])
+        prefill = _PaddedGroup.of(batch, more, cu, ctx) if more else None
+        whole = None
+        if not absorbed_decode or decode is None:
+            whole = prefill if decode is None else _PaddedGroup.of(batch, list(range(n_seqs)), cu, ctx)
+        return cls(batch, token_slots, pos, whole, decode, prefill)
 
 
 def mla_decode_torch(q_latent: torch.Tensor, q_rope: torch.Tensor, latent: torch.Tensor, k_rope: torch.Tensor,
@@ -432,10 +536,31 @@ class MoE(nn.Module):
             if init:
                 for p in (self.w_gate, self.w_up, self.w_down):
                     nn.init.normal_(p, std=0.02)
+            self._set_expert_layout()
         self.shared_experts = (
             DenseMLP(h, cfg.moe_intermediate_size * cfg.n_shared_experts // tp.size, dtype, init)
             if cfg.n_shared_experts else None
         )
+
+    def _set_expert_layout(self) -> None:
+        """Stacked expert weights keep their [E, out, in] shape everywhere, but on CPU their memory is
+        [E, in, out] (a transposed view): MKL's batched matmul of x [E, c, in] with a contiguous [E, in, out]
+        runs ~30% faster than with the transposed operand, and the MoE is most of a CPU decode step. The
+        Triton kernels want `in` contiguous, so other devices keep the plain layout."""
+        if self.int4:
+            return
+        for name in ("w_gate", "w_up", "w_down"):
+            p = getattr(self, name)
+            in_major = p.stride(1) == 1 and p.stride(2) == p.shape[1]
+            if p.device.type == "cpu" and not in_major:
+                p.data = p.data.transpose(1, 2).contiguous().transpose(1, 2)
+            elif p.device.type != "cpu" and not p.data.is_contiguous():
+                p.data = p.data.contiguous()
+
+    def _apply(self, fn: Any, recurse: bool = True) -> "MoE":
+        super()._apply(fn, recurse)  # .to(device) / .cuda() keep strides: pick the layout for the new device
+        self._set_expert_layout()
+        return self
 
     def expert_weights(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Full-precision stacked local expert weights (dequantized when INT4)."""
@@ -554,11 +679,15 @@ class KimiK2ForCausalLM(nn.Module):
     def forward(self, batch: ForwardBatch, cache: LatentKVCache | None) -> torch.Tensor:
         """Runs a ragged batch, writing its latents into `cache`; -> logits of each sequence's LAST token, [S, vocab] fp32."""
         batch.validate(cache)
-        plan = _BatchPlan.of(batch)
+        absorbed = cache is not None and self.attention_path == "auto"
+        plan = _BatchPlan.of(batch, absorbed)
         x = self._embed(batch.input_ids)
-        absorbed = self.attention_path == "auto"
+        dim = self.cfg.qk_rope_head_dim
+        rope = None  # per-token RoPE maps, built once for every layer, when the batch is small
+        if batch.positions.numel() * dim * dim <= _ROPE_MATRIX_MAX_ELEMENTS:
+            rope = self.rotary.matrices(batch.positions, x.dtype)
         for layer in self.model.layers:
-            attn = layer.self_attn.forward_cached(layer.input_layernorm(x), plan, cache, self.rotary, absorbed)
+            attn = layer.self_attn.forward_cached(layer.input_layernorm(x), plan, cache, self.rotary, absorbed, rope)
             x = x + all_reduce(attn, self.tp)
             x = layer.mlp_block(x)
         last = batch.cu_seqlens[1:] - 1

@@ -202,10 +202,12 @@ def mla_decode(
              f"k_rope must be {(latent.shape[0], latent.shape[1], P)}, got {tuple(k_rope.shape)}")
     _require(tuple(cache_slots.shape) == (S,) and tuple(seq_lens.shape) == (S,),
              f"cache_slots and seq_lens must be [S={S}], got {tuple(cache_slots.shape)} / {tuple(seq_lens.shape)}")
-    if not seq_lens.is_cuda:  # a cheap bounds check where it costs no device sync
-        _require(bool((seq_lens >= 0).all()) and bool((seq_lens <= latent.shape[1]).all()),
+    if not seq_lens.is_cuda and S:  # a cheap bounds check where it costs no device sync
+        lo, hi = (int(v) for v in torch.aminmax(seq_lens))
+        _require(lo >= 0 and hi <= latent.shape[1],
                  f"seq_lens must lie in [0, max_len={latent.shape[1]}], got {seq_lens.tolist()}")
-        _require(bool((cache_slots >= 0).all()) and bool((cache_slots < latent.shape[0]).all()),
+        lo, hi = (int(v) for v in torch.aminmax(cache_slots))
+        _require(lo >= 0 and hi < latent.shape[0],
                  f"cache_slots must lie in [0, num_slots={latent.shape[0]}), got {cache_slots.tolist()}")
     if _use_triton(q_latent, q_rope, latent, k_rope):
         return _mla_decode_mod.mla_decode_triton(q_latent, q_rope, latent, k_rope, cache_slots, seq_lens, softmax_scale)

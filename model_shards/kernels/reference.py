@@ -1,7 +1,8 @@
 """Plain-torch references for every kernel: the CPU path and the ground truth the Triton kernels are tested against.
 
-They favour clarity over speed, but avoid work the fused kernels would not do either (e.g. the MoE
-reference only runs experts that received tokens, and INT4 dequantizes only those experts).
+They are also the CPU serving path, so they avoid per-row Python work (the MoE groups assignments by
+expert once; decode attention runs every sequence in one padded batch) and work the fused kernels
+would not do either (INT4 dequantizes only the experts that received tokens).
 """
 
 from __future__ import annotations
@@ -17,6 +18,9 @@ INT4_PACK = 8  # nibbles per int32
 
 def rms_norm_ref(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     """RMSNorm as in HF DeepseekV3RMSNorm: normalize in fp32 (fp64 stays fp64), cast back, scale by the weight."""
+    if x.dtype in (torch.float32, torch.float64) and weight.dtype == x.dtype:
+        # Same math in one fused op (no cast between normalising and scaling at full precision).
+        return F.rms_norm(x, (x.shape[-1],), weight, eps)
     xf = x.to(torch.promote_types(x.dtype, torch.float32))
     normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
     return weight * normed.to(x.dtype)
@@ -73,8 +77,8 @@ def fused_moe_ref(
 ) -> Tensor:
     """Σ_j topk_weights[n,j] · down_e(silu(gate_e x) · up_e x), e = topk_ids[n,j]; ids outside [0,E) are skipped."""
     num_experts = w_gate.shape[0]
-    return _moe_loop(
-        x, topk_ids, topk_weights, num_experts, lambda e: (w_gate[e], w_up[e], w_down[e])
+    return _moe_grouped(
+        x, topk_ids, topk_weights, num_experts, lambda e: (w_gate[e], w_up[e], w_down[e]), (w_gate, w_up, w_down)
     )
 
 
@@ -99,26 +103,77 @@ def fused_moe_int4_ref(
             unpack_int4(down_packed[e], down_scale[e], group_size, dtype=x.dtype),
         )
 
-    return _moe_loop(x, topk_ids, topk_weights, gate_packed.shape[0], weights)
+    # No stacked full-precision weights: dequantizing every expert would cost more than it saves.
+    return _moe_grouped(x, topk_ids, topk_weights, gate_packed.shape[0], weights, None)
 
 
-def _moe_loop(
+# Cost model (in multiply-adds) for choosing between the padded bmm over every local expert and the loop
+# over the busy experts: a small-row matmul is bound by reading its weights, which costs about as much as
+# _WEIGHT_READ_ROWS rows of compute; each loop iteration adds dispatch overhead worth about
+# _EXPERT_OVERHEAD_MACS. Tiny experts (CPU presets) with many busy ones take the bmm, big ones the loop.
+_WEIGHT_READ_ROWS = 6
+_EXPERT_OVERHEAD_MACS = 1_500_000
+
+
+def _padded_bmm_is_cheaper(num_experts: int, busy: int, widest: int, assignments: int, macs_per_row: int) -> bool:
+    bmm = num_experts * macs_per_row * max(widest, _WEIGHT_READ_ROWS)
+    loop = macs_per_row * max(assignments, busy * _WEIGHT_READ_ROWS) + busy * _EXPERT_OVERHEAD_MACS
+    return bmm < loop
+
+
+def _moe_grouped(
     x: Tensor,
     topk_ids: Tensor,
     topk_weights: Tensor,
     num_experts: int,
     weights_of: Callable[[int], tuple[Tensor, Tensor, Tensor]],
+    stacked: tuple[Tensor, Tensor, Tensor] | None,
 ) -> Tensor:
-    out = torch.zeros(x.shape[0], x.shape[1], dtype=torch.float32, device=x.device)
-    ids = topk_ids.long()
-    for e in torch.unique(ids[(ids >= 0) & (ids < num_experts)]).tolist():
-        rows, slots = torch.nonzero(ids == e, as_tuple=True)
-        wg, wu, wd = weights_of(e)
-        xe = x[rows]
-        h = F.silu(F.linear(xe, wg)) * F.linear(xe, wu)
-        y = F.linear(h, wd).float() * topk_weights[rows, slots].float().unsqueeze(-1)
-        out.index_add_(0, rows, y)
-    return out.to(x.dtype)
+    """Sort the (token, expert) assignments by expert once, then either run every expert in one padded
+    bmm (many experts busy: per-expert Python work would dominate on small matrices) or loop over the
+    busy experts' contiguous segments (few busy: a bmm would read every expert's weights)."""
+    n, k = topk_ids.shape
+    out = torch.zeros(n, x.shape[1], dtype=torch.float32, device=x.device)
+    flat = topk_ids.reshape(-1).long()
+    assign = torch.arange(n * k, device=x.device)
+    valid = (flat >= 0) & (flat < num_experts)
+    if not bool(valid.all()):
+        assign = assign[valid]
+        flat = flat[valid]
+    if flat.numel() == 0:
+        return out.to(x.dtype)
+    experts, order = torch.sort(flat, stable=True)
+    assign = assign[order]
+    rows = torch.div(assign, k, rounding_mode="floor")
+    gate_w = topk_weights.reshape(-1)[assign].float().unsqueeze(-1)
+    counts_t = torch.bincount(experts, minlength=num_experts)
+    counts = counts_t.tolist()
+    busy = sum(1 for c in counts if c)
+    widest = max(counts)
+    m = experts.numel()
+    xs = x[rows]
+    if stacked is not None and _padded_bmm_is_cheaper(
+        num_experts, busy, widest, m, 3 * stacked[0].shape[1] * stacked[0].shape[2]
+    ):
+        w_gate, w_up, w_down = stacked
+        starts = torch.cumsum(counts_t, 0) - counts_t
+        slot = torch.arange(m, device=x.device) - starts[experts]
+        padded = x.new_zeros(num_experts, widest, x.shape[1])
+        padded = padded.index_put((experts, slot), xs)
+        h = F.silu(torch.bmm(padded, w_gate.transpose(1, 2))) * torch.bmm(padded, w_up.transpose(1, 2))
+        y = torch.bmm(h, w_down.transpose(1, 2))[experts, slot]
+    else:
+        parts = []
+        start = 0
+        for e, c in enumerate(counts):
+            if not c:
+                continue
+            wg, wu, wd = weights_of(e)
+            xe = xs[start : start + c]
+            parts.append(F.linear(F.silu(F.linear(xe, wg)) * F.linear(xe, wu), wd))
+            start += c
+        y = parts[0] if len(parts) == 1 else torch.cat(parts, 0)
+    return out.index_add(0, rows, y.float() * gate_w).to(x.dtype)
 
 
 def mla_decode_ref(
@@ -132,17 +187,25 @@ def mla_decode_ref(
 ) -> Tensor:
     """Absorbed-MLA decode attention over the latent cache; returns Σ p·latent [S, Hh, R] in q's dtype.
 
-    A sequence with seq_len 0 attends to nothing and gets zeros.
+    A sequence with seq_len 0 attends to nothing and gets zeros. All sequences run at once, padded to
+    the longest one (positions past a sequence's length are masked out).
     """
     S, Hh, R = q_latent.shape
-    out = torch.zeros(S, Hh, R, dtype=torch.float32, device=q_latent.device)
-    for s in range(S):
-        n = int(seq_lens[s])
-        if n == 0:
-            continue
-        slot = int(cache_slots[s])
-        lat = latent[slot, :n].float()  # [n, R]
-        kr = k_rope[slot, :n].float()  # [n, P]
-        scores = (q_latent[s].float() @ lat.T + q_rope[s].float() @ kr.T) * softmax_scale  # [Hh, n]
-        out[s] = torch.softmax(scores, dim=-1) @ lat
+    longest = int(seq_lens.max()) if S else 0
+    if longest == 0:
+        return torch.zeros(S, Hh, R, dtype=q_latent.dtype, device=q_latent.device)
+    if S <= latent.shape[0] and bool((cache_slots == torch.arange(S, device=cache_slots.device)).all()):
+        lat, kr = latent[:S, :longest], k_rope[:S, :longest]  # slots 0..S-1 (the usual case): views, no copy
+    else:
+        lat, kr = latent[:, :longest].index_select(0, cache_slots), k_rope[:, :longest].index_select(0, cache_slots)
+    lat, kr = lat.float(), kr.float()  # [S, m, R], [S, m, P]
+    scores = torch.baddbmm(torch.bmm(q_rope.float(), kr.transpose(1, 2)), q_latent.float(), lat.transpose(1, 2))
+    scores = scores * softmax_scale  # [S, Hh, m]
+    past_end = torch.arange(longest, device=lat.device).unsqueeze(0) >= seq_lens.unsqueeze(1)  # [S, m]
+    scores = scores.masked_fill(past_end.unsqueeze(1), float("-inf"))
+    probs = torch.softmax(scores, dim=-1)
+    out = torch.bmm(probs, lat)
+    empty = seq_lens == 0
+    if bool(empty.any()):  # softmax over nothing is NaN; such rows attend to nothing
+        out = out.masked_fill(empty.view(S, 1, 1), 0.0)
     return out.to(q_latent.dtype)
