@@ -64,7 +64,9 @@ class ScriptedTestPolicy:
     ) -> ChatResult:
         user = next(m.content or "" for m in messages if m.role == "user")
         script = parse_script(user)
-        await asyncio.sleep(float(script.get("think_s", self.default_think_s)))
+        think_s = float(script.get("think_s", self.default_think_s))
+        if think_s > 0:
+            await asyncio.sleep(think_s)
         if script.get("fail_always"):
             raise LLMError("scripted failure (fail_always)")
         marker = script.get("fail_once_file")

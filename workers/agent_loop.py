@@ -118,7 +118,10 @@ async def run_agent(
             out = await registry.call(call.name, call.arguments, ctx, tool_timeout_s)
             return out.content, out.is_error, out.duration_s, True
 
-        outcomes = await asyncio.gather(*(run_one(c) for c in msg.tool_calls))
+        if len(msg.tool_calls) == 1:  # the common case: no task to spawn
+            outcomes = [await run_one(msg.tool_calls[0])]
+        else:
+            outcomes = await asyncio.gather(*(run_one(c) for c in msg.tool_calls))
         for call, (content, is_error, dur, executed) in zip(msg.tool_calls, outcomes):
             tool_calls += executed
             emit(

@@ -109,8 +109,10 @@ class ToolRegistry:
             problems = "; ".join(f"{'.'.join(map(str, err['loc'])) or '(root)'}: {err['msg']}" for err in e.errors())
             return done(f"error: invalid arguments for {name}: {problems}", True)
         try:
-            content = await asyncio.wait_for(tool.fn(args, ctx), timeout=timeout_s)
-        except asyncio.TimeoutError:
+            # asyncio.timeout, unlike wait_for, runs the tool in this task: no task per call.
+            async with asyncio.timeout(timeout_s):
+                content = await tool.fn(args, ctx)
+        except TimeoutError:
             return done(f"error: tool {name} timed out after {timeout_s:g} s", True)
         except asyncio.CancelledError:
             raise
