@@ -18,32 +18,11 @@ from rich.table import Table
 
 from planner.envs import get_env
 from planner.envs.base import Score, Task
+# The spec builders are shared with `swarm eval`.
+from planner.evaluate import NO_MODEL_HELP, SINGLE_AGENT_PROMPT, model_configured, single_agent_spec, swarm_spec
 from swarm.config import Settings, load_settings
-from swarm.plans import JobSpec, JobStatus, Limits, SubAgentSpec, SwarmPlan, ToolsConfig, new_job_id
+from swarm.plans import JobSpec, JobStatus, new_job_id
 from swarm.progress import JobProgress
-
-NO_MODEL_HELP = """\
-No model endpoint is configured, so the demo has no model to run its agents.
-
-Set an OpenAI-compatible endpoint and run the command again, for example:
-
-  # Kimi K2.5 on the Moonshot platform
-  export SWARM_LLM_BASE_URL=https://api.moonshot.ai/v1
-  export SWARM_LLM_API_KEY=sk-...
-  export SWARM_LLM_MODEL=kimi-k2.5
-
-  # or any local OpenAI-compatible server (vLLM, SGLang, this project's `swarm model serve`)
-  export SWARM_LLM_BASE_URL=http://127.0.0.1:8000/v1
-  export SWARM_LLM_MODEL=<the served model name>
-
-The same fields can live in a YAML file given by --config or $SWARM_CONFIG (key `llm`).
-"""
-
-SINGLE_AGENT_PROMPT = (
-    "You are a careful research agent. Use the search tool as often as you need to find every "
-    "requested fact; do not guess. Answer with a markdown table with exactly the requested columns."
-)
-
 
 @dataclass
 class DemoRun:
@@ -62,29 +41,6 @@ def pick_task(tasks: list[Task], index: int | None, max_rows: int) -> Task:
     if not small:
         raise ValueError(f"no held-out task has at most {max_rows} rows")
     return max(small, key=lambda t: len(t.gold))
-
-
-def swarm_spec(task: Task, settings: Settings, corpus: str, tools: list[str]) -> JobSpec:
-    return JobSpec(
-        name=f"demo swarm {task.id}",
-        task=task.prompt,
-        subagent_tools=tools,
-        tools=ToolsConfig(search_corpus=corpus),
-        llm=settings.llm,
-        metadata={"env": task.env, "task_id": task.id, "mode": "swarm"},
-    )
-
-
-def single_agent_spec(task: Task, settings: Settings, corpus: str, tools: list[str]) -> JobSpec:
-    agent = SubAgentSpec(id="single-agent", system_prompt=SINGLE_AGENT_PROMPT, task=task.prompt, tools=tools)
-    return JobSpec(
-        name=f"demo single agent {task.id}",
-        plan=SwarmPlan(subagents=[agent]),
-        tools=ToolsConfig(search_corpus=corpus),
-        llm=settings.llm,
-        limits=Limits(),
-        metadata={"env": task.env, "task_id": task.id, "mode": "single"},
-    )
 
 
 def _run(runtime, spec: JobSpec, console: Console) -> tuple[JobStatus, float]:
@@ -128,7 +84,7 @@ def run_demo(
     """Run the demo; returns the process exit code (0 ok, 1 a job failed, 2 not configured)."""
     console = console or Console()
     settings = settings or load_settings()
-    if settings.llm.backend == "openai" and not (settings.llm.base_url and settings.llm.model):
+    if not model_configured(settings):
         console.print(NO_MODEL_HELP, highlight=False)
         return 2
     env = get_env("widegeo")
@@ -142,9 +98,9 @@ def run_demo(
     runtime = SwarmRuntime(address=address or settings.ray_address, num_workers=settings.num_workers)
     runs: list[DemoRun] = []
     try:
-        plans = [("swarm", swarm_spec(task, settings, corpus, env.tools))]
+        plans = [("swarm", swarm_spec(task, settings, corpus, env.tools, label="demo swarm"))]
         if single_agent:
-            plans.append(("single agent", single_agent_spec(task, settings, corpus, env.tools)))
+            plans.append(("single agent", single_agent_spec(task, settings, corpus, env.tools, label="demo single agent")))
         for label, spec in plans:
             console.rule(f"{label}")
             status, wall = _run(runtime, spec, console)

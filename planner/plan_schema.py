@@ -1,25 +1,42 @@
 """The compact plan the policy writes in plan mode, its JSON schema (for the engine's structured
 decoding) and its conversion to `swarm.plans.SwarmPlan`.
 
-Compact form: {"agents": [{"id", "task", "depends_on"}], "aggregate": "concat"|"llm",
-"aggregate_prompt"?}. The policy does not repeat the system prompt and tools of every sub-agent;
-`parse_plan` fills them in, then checks the DAG with `swarm.dag.validate_plan`.
+Compact form (positional): {"agents": [{"name", "task", "depends_on"}], "aggregate": "concat"|"llm",
+"aggregate_prompt"?}. Agents are numbered 1, 2, 3 ... in list order; `depends_on` lists the numbers
+of EARLIER agents, so every plan is acyclic and has no unknown dependency by construction. The
+sub-agent id is "<name>-<number>" (unique even when names repeat). The policy does not repeat the
+system prompt and tools of every sub-agent; `parse_plan` fills them in, then checks the DAG with
+`swarm.dag.validate_plan`.
+
+`plan_json_schema(max_agents)` makes the schema itself rule out invalid plans: position k has its
+own item schema (`prefixItems`) whose `depends_on` is an array of the integers 1..k-1, the list is
+bounded by the job's max_subagents, and strings have bounded length, so constrained decoding
+(xgrammar) can only write text that `parse_plan` accepts, and always finishes.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Collection
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from planner.prompts import SUBAGENT_SYSTEM_PROMPT
+from planner.prompts import PLAN_MODE_PROMPT, SUBAGENT_SYSTEM_PROMPT
 from swarm.dag import PlanValidationError, validate_plan
+from swarm.plan_writer import PlanFormat
 from swarm.plans import MAX_SUBAGENTS, SUBAGENT_MAX_STEPS, Limits, SubAgentSpec, SwarmPlan
 
-ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$"
+# A name becomes the id "<name>-<k>" (k <= 10_000 fits SubAgentSpec's 64-character id).
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,39}$"
+# Text fields inside the grammar: no '"', '\\' or control characters (so no escapes, no line breaks),
+# written as bounded chunks because xgrammar 0.2.8 cannot compile one repetition much above 128.
+_CHAR = r'[^"\\\x00-\x1f]'
+MAX_TASK_CHARS = 1000
+MAX_AGGREGATE_PROMPT_CHARS = 1000
 DEFAULT_TOOLS: tuple[str, ...] = ("search",)
+_GRAMMAR_TEXT_RE = re.compile(r'^[^"\\\x00-\x1f]*$')
 
 
 class PlanParseError(ValueError):
@@ -29,9 +46,16 @@ class PlanParseError(ValueError):
 class CompactAgent(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    id: str = Field(pattern=ID_PATTERN, description="unique id: letters, digits, '_', '-', '.'")
+    name: str = Field(pattern=NAME_PATTERN, description="short role name: letters, digits, '_', '-', '.'")
     task: str = Field(min_length=1, description="complete, self-contained task text")
-    depends_on: list[str] = Field(default_factory=list, description="ids of agents whose results this task needs")
+    depends_on: list[int] = Field(
+        default_factory=list, description="numbers (1-based list positions) of earlier agents whose results it needs"
+    )
+
+
+def agent_id(name: str, number: int) -> str:
+    """The sub-agent id of the `number`-th (1-based) agent: unique because the number ends it."""
+    return f"{name}-{number}"
 
 
 class CompactPlan(BaseModel):
@@ -41,50 +65,100 @@ class CompactPlan(BaseModel):
     aggregate: Literal["concat", "llm"] = "concat"
     aggregate_prompt: str = ""
 
+    def dependency_problems(self) -> list[str]:
+        problems = []
+        for k, a in enumerate(self.agents, start=1):
+            for d in a.depends_on:
+                if not 1 <= d < k:
+                    allowed = f"1 to {k - 1}" if k > 1 else "none: the first agent cannot depend on any"
+                    problems.append(
+                        f"agent {k} ({a.name!r}) depends on {d}, but an agent may only depend on agents listed "
+                        f"before it (allowed here: {allowed})"
+                    )
+        return problems
+
     def to_swarm_plan(
         self,
         system_prompt: str = SUBAGENT_SYSTEM_PROMPT,
         tools: Collection[str] = DEFAULT_TOOLS,
         max_steps: int = SUBAGENT_MAX_STEPS,
     ) -> SwarmPlan:
+        problems = self.dependency_problems()
+        if problems:
+            raise PlanValidationError(problems)
+        ids = [agent_id(a.name, k) for k, a in enumerate(self.agents, start=1)]
         return SwarmPlan(
             subagents=[
-                SubAgentSpec(id=a.id, system_prompt=system_prompt, task=a.task, tools=list(tools),
-                             depends_on=list(a.depends_on), max_steps=max_steps)
-                for a in self.agents
+                SubAgentSpec(id=ids[k], name=a.name, system_prompt=system_prompt, task=a.task, tools=list(tools),
+                             # a repeated number is harmless: keep each dependency once
+                             depends_on=[ids[d - 1] for d in dict.fromkeys(a.depends_on)], max_steps=max_steps)
+                for k, a in enumerate(self.agents)
             ],
             aggregate=self.aggregate,
             aggregate_prompt=self.aggregate_prompt,
         )
 
 
-def plan_json_schema() -> dict[str, Any]:
-    """JSON schema of the compact plan, self-contained (no $ref), for grammar-constrained decoding."""
-    agent = {
-        "type": "object",
-        "properties": {
-            "id": {"type": "string", "pattern": ID_PATTERN},
-            "task": {"type": "string", "minLength": 1},
-            "depends_on": {"type": "array", "items": {"type": "string", "pattern": ID_PATTERN}},
-        },
-        "required": ["id", "task", "depends_on"],
-        "additionalProperties": False,
-    }
+def _text_schema(min_chunks: int, max_chars: int) -> dict[str, Any]:
+    chunks = -(-max_chars // 100)
+    return {"type": "string", "pattern": f"^(?:{_CHAR}{{1,100}}){{{min_chunks},{chunks}}}$"}
+
+
+def plan_json_schema(max_agents: int = MAX_SUBAGENTS, max_task_chars: int = MAX_TASK_CHARS,
+                     max_aggregate_prompt_chars: int = MAX_AGGREGATE_PROMPT_CHARS) -> dict[str, Any]:
+    """JSON schema of the compact plan with at most `max_agents` agents; every text it admits is a
+    valid plan (see module doc). Shared string rules sit in $defs so the grammar compiles them once."""
+    if not 1 <= max_agents <= MAX_SUBAGENTS:
+        raise ValueError(f"max_agents must be between 1 and {MAX_SUBAGENTS}, got {max_agents}")
+    if max_task_chars < 1 or max_aggregate_prompt_chars < 1:
+        raise ValueError("max_task_chars and max_aggregate_prompt_chars must be >= 1")
+
+    def agent(k: int) -> dict[str, Any]:
+        deps: dict[str, Any] = {"type": "array", "maxItems": 0}
+        if k > 1:
+            deps = {"type": "array", "items": {"type": "integer", "enum": list(range(1, k))}, "maxItems": k - 1}
+        return {
+            "type": "object",
+            "properties": {"name": {"$ref": "#/$defs/name"}, "task": {"$ref": "#/$defs/task"}, "depends_on": deps},
+            "required": ["name", "task", "depends_on"],
+            "additionalProperties": False,
+        }
+
     return {
         "type": "object",
         "properties": {
-            "agents": {"type": "array", "items": agent, "minItems": 1, "maxItems": MAX_SUBAGENTS},
+            "agents": {
+                "type": "array",
+                "prefixItems": [agent(k) for k in range(1, max_agents + 1)],
+                "items": False,
+                "minItems": 1,
+                "maxItems": max_agents,
+            },
             "aggregate": {"type": "string", "enum": ["concat", "llm"]},
-            "aggregate_prompt": {"type": "string"},
+            "aggregate_prompt": {"$ref": "#/$defs/aggregate_prompt"},
         },
         "required": ["agents", "aggregate"],
         "additionalProperties": False,
+        "$defs": {
+            "name": {"type": "string", "pattern": NAME_PATTERN},
+            "task": _text_schema(1, max_task_chars),
+            "aggregate_prompt": _text_schema(0, max_aggregate_prompt_chars),
+        },
     }
 
 
 def compact_plan_json(plan: CompactPlan) -> str:
     """The text the policy is trained to write: keys in schema order, no empty aggregate_prompt, and
-    the ", " / ": " separators that the engine's grammar (xgrammar, any_whitespace=False) admits."""
+    the ", " / ": " separators that the engine's grammar (xgrammar, any_whitespace=False) admits.
+    Raises ValueError for text the grammar cannot express (quotes, backslashes, line breaks)."""
+    problems = plan.dependency_problems()
+    for k, a in enumerate(plan.agents, start=1):
+        if not _GRAMMAR_TEXT_RE.match(a.task) or len(a.task) > MAX_TASK_CHARS:
+            problems.append(f"agent {k} ({a.name!r}): task has '\"', '\\\\' or control characters, or is over {MAX_TASK_CHARS} characters")
+    if not _GRAMMAR_TEXT_RE.match(plan.aggregate_prompt) or len(plan.aggregate_prompt) > MAX_AGGREGATE_PROMPT_CHARS:
+        problems.append("aggregate_prompt has '\"', '\\\\' or control characters, or is too long")
+    if problems:
+        raise ValueError("plan cannot be written in the constrained format: " + "; ".join(problems))
     data = plan.model_dump(mode="json")
     if not data["aggregate_prompt"]:
         del data["aggregate_prompt"]
@@ -98,7 +172,10 @@ def parse_plan(
     tools: Collection[str] = DEFAULT_TOOLS,
     limits: Limits | None = None,
 ) -> SwarmPlan:
-    """Policy output text -> a validated SwarmPlan. Raises PlanParseError naming what is wrong."""
+    """Policy output text -> a validated SwarmPlan. Raises PlanParseError naming what is wrong.
+
+    Accepts a superset of what the schema admits (a code fence, escapes, longer texts), because an
+    unconstrained model (e.g. Kimi over an API without strict schemas) writes those too."""
     if not isinstance(text, str) or not text.strip():
         raise PlanParseError("the plan is empty: expected a JSON object with an 'agents' list")
     body = text.strip()
@@ -107,7 +184,8 @@ def parse_plan(
         body = body.split("\n", 1)[1] if "\n" in body else ""
         body = body.rsplit("```", 1)[0]
     try:
-        raw = json.loads(body)
+        # strict=False: a raw tab inside a string is not worth a repair round
+        raw = json.loads(body, strict=False)
     except json.JSONDecodeError as e:
         raise PlanParseError(f"the plan is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
     if not isinstance(raw, dict):
@@ -126,3 +204,16 @@ def parse_plan(
     except ValidationError as e:
         raise PlanParseError(f"invalid plan: {e.errors()[0]['msg']}") from None
     return plan
+
+
+def _format_schema(limits: Limits) -> dict[str, Any]:
+    return plan_json_schema(min(limits.max_subagents, MAX_SUBAGENTS))
+
+
+def _format_parse(text: str, limits: Limits, tools: Collection[str]) -> SwarmPlan:
+    return parse_plan(text, tools=tools, limits=limits)
+
+
+def compact_plan_format() -> PlanFormat:
+    """This format as swarm's plan writer takes it (entry point `agent_swarm.plan_formats: compact`)."""
+    return PlanFormat(name="compact", system_prompt=PLAN_MODE_PROMPT, schema=_format_schema, parse=_format_parse)

@@ -14,10 +14,11 @@ SUBAGENT_SYSTEM_PROMPT = (
 
 PLAN_MODE_PROMPT = (
     "You plan work for sub-agents that search a document collection. Reply with only a JSON plan: "
-    '{"agents": [{"id": ..., "task": ..., "depends_on": [...]}], "aggregate": "concat" or "llm"}. '
-    "Each task must be complete on its own; a task that needs another agent's result lists that "
-    "agent's id in depends_on and receives its result. With \"concat\" the final answer is the "
-    "agents' results joined; with \"llm\" a last step merges them."
+    '{"agents": [{"name": ..., "task": ..., "depends_on": [...]}], "aggregate": "concat" or "llm"}. '
+    "Agents are numbered 1, 2, 3 in list order. Each task must be complete on its own; a task that "
+    "needs the results of earlier agents lists their numbers in depends_on and receives those results. Write no double quotes or line breaks inside texts. With \"concat\" the "
+    "final answer is the agents' results joined; with \"llm\" a last step merges them, following "
+    "aggregate_prompt if given."
 )
 
 # The aggregation step of a plan with aggregate == "llm" (swarm.job_host adds its own system prompt).

@@ -344,13 +344,13 @@ class TraceBuilder:
         final = markdown_table(task.columns, final_rows)
         orch = self._tool_form(task, [subs], final)
         agg = len(subs) > 1
-        plan = CompactPlan(agents=[CompactAgent(id=f"cities-{i + 1}", task=s.task) for i, s in enumerate(subs)],
+        plan = CompactPlan(agents=[CompactAgent(name="cities", task=s.task) for s in subs],
                            aggregate="llm" if agg else "concat",
                            aggregate_prompt=aggregate_table_prompt(task.columns) if agg else "")
         convs = [Conversation("subagent", task.id, "top_cities", s.messages, self.search_tools) for s in subs]
         convs.append(orch)
         convs.append(self._plan_conv(task, plan))
-        results = [(a.id, s.answer) for a, s in zip(plan.agents, subs)]
+        results = [(result_label(spec), s.answer) for spec, s in zip(plan.to_swarm_plan().subagents, subs)]
         if agg:
             agg_conv, plan_answer = self._aggregate_conv(task, plan, results, final)
             convs.append(agg_conv)
@@ -377,10 +377,10 @@ class TraceBuilder:
         attrs = [c for c in task.columns if c != "country"]
         filler_text = (f"For each country in the list you receive, give {_listing([ATTR_TEXT[a] for a in attrs])}."
                        f"{note} Answer with a markdown table whose columns are: {', '.join(task.columns)}.")
-        plan = CompactPlan(agents=[CompactAgent(id="lister", task=list_text),
-                                   CompactAgent(id="filler", task=filler_text, depends_on=["lister"])],
+        plan = CompactPlan(agents=[CompactAgent(name="lister", task=list_text),
+                                   CompactAgent(name="filler", task=filler_text, depends_on=[1])],
                            aggregate="concat")
-        lister_spec = SubAgentSpec(id="lister", task=list_text)
+        lister_spec, filler_spec = plan.to_swarm_plan().subagents
         filler_user = compose_task_message(filler_text, [(lister_spec, list_ans)])
         f_msgs, f_ans = run_lookup(self.index, entities, lookup_attrs, rows, note, filler_user)
         # The filler states only the task's columns.
@@ -393,7 +393,7 @@ class TraceBuilder:
         convs.append(Conversation("subagent", task.id, t, f_msgs, self.search_tools))
         convs.append(orch)
         convs.append(self._plan_conv(task, plan))
-        plan_answer = _concat([("lister", list_ans), ("filler", f_ans)])
+        plan_answer = _concat([(result_label(lister_spec), list_ans), (result_label(filler_spec), f_ans)])
         return TaskTrace(task, convs, final, plan, plan_answer)
 
     # ---- orchestrator conversations ------------------------------------------------------------
@@ -442,8 +442,13 @@ class TraceBuilder:
         return find_test_entities(text, self.test_names, self.data)
 
 
+def result_label(spec: SubAgentSpec) -> str:
+    """How swarm.job_host labels a sub-agent's result ("<id> (<name>)" when they differ)."""
+    return spec.id if spec.name == spec.id else f"{spec.id} ({spec.name})"
+
+
 def _concat(results: list[tuple[str, str]]) -> str:
-    """What swarm.job_host returns for aggregate == "concat" (ids equal names in our plans)."""
+    """What swarm.job_host returns for aggregate == "concat", given (result_label, text) pairs."""
     return "\n\n".join(f"## {rid}\n{text}" for rid, text in results)
 
 

@@ -362,6 +362,30 @@ def demo(
     raise typer.Exit(code)
 
 
+@app.command("eval")
+def eval_cmd(
+    ctx: typer.Context,
+    env: str = typer.Argument(..., metavar="ENV", help="environment: widegeo or deepgeo (its fixed eval set)"),
+    policy: str = typer.Option("both", "--policy", help="swarm, single or both"),
+    n: Optional[int] = typer.Option(None, "--n", min=1, help="the first N tasks (after --max-rows)"),
+    max_rows: Optional[int] = typer.Option(None, "--max-rows", min=1, help="only tasks with at most R gold rows"),
+    orchestrator: str = typer.Option("agent", "--orchestrator", help="the swarm's orchestrator: agent or plan"),
+    out: Optional[Path] = typer.Option(None, "--out", help="JSONL of the results (default: eval-ENV-<time>.jsonl)"),
+    address: Optional[str] = typer.Option(None, "--address", help="Ray cluster (default: settings, else embedded)"),
+) -> None:
+    """Evaluate on ENV's fixed eval set: item-F1, row-F1, critical steps, wall time, sub-agents and tool
+    calls per task for the swarm and a single agent, with their means; writes a JSONL."""
+    from planner.evaluate import run_eval
+
+    _state(ctx).export_config()
+    try:
+        code = run_eval(env, settings=_state(ctx).settings(), address=address, policy=policy, n=n,
+                        max_rows=max_rows, orchestrator=orchestrator, out=out, console=console)
+    except ValueError as e:
+        fail(str(e), EXIT_USAGE)
+    raise typer.Exit(code)
+
+
 @app.command()
 def corpus(
     out: Optional[Path] = typer.Option(None, "--out", help="where to write it (default: the cache path)"),

@@ -4,7 +4,8 @@ A job is an in-process object (Job) inside its host; the host owns the job's eve
 barrier), dispatches each attempt to a shared worker, retries failed sub-agents with exponential
 backoff, re-dispatches the sub-agents of a worker that died, hands out the job-wide tool budget,
 enforces the job timeout and cancellation, and numbers every event (seq 1, 2, 3, ...). In
-orchestrator mode it also runs the orchestrator agent (swarm.orchestrator) in the host's event loop.
+orchestrator mode it also runs the orchestrator agent (swarm.orchestrator) in the host's event loop,
+or, with JobSpec.orchestrator == "plan", the plan-writing orchestrator (swarm.plan_writer).
 
 A host replaces the former one-actor-per-job design: starting a job is a method call, not a new
 process, and 50 concurrent jobs cost no extra processes. Workers receive the job-level settings once
@@ -43,9 +44,10 @@ from swarm.events import (
     ToolCalled,
     _Event,
 )
-from swarm.llm import ChatMessage, LLMClient, LLMError
+from swarm.llm import ChatMessage, ChatResult, LLMClient, LLMError
 from swarm.orchestrator import Orchestrator, SubAgentOutcome
-from swarm.plans import JobMetrics, JobSpec, JobState, LLMConfig, SubAgentSpec, ToolsConfig
+from swarm.plan_writer import DEFAULT_MAX_REPAIRS, PlanRepairError, load_plan_format, write_plan
+from swarm.plans import JobMetrics, JobSpec, JobState, LLMConfig, SubAgentSpec, SwarmPlan, ToolsConfig
 from swarm.worker_pool import JobContext, SubAgentRun, SubAgentRunResult, WorkerPool
 from workers.tools.registry import ToolRegistry
 
@@ -340,12 +342,12 @@ class Job:
 
     async def _execute(self) -> str:
         if self._spec.plan is not None:
-            return await self._execute_plan()
+            return await self._execute_plan(self._spec.plan)
+        if self._spec.orchestrator == "plan":
+            return await self._execute_plan_writer()
         return await self._execute_orchestrator()
 
-    async def _execute_plan(self) -> str:
-        plan = self._spec.plan
-        assert plan is not None
+    async def _execute_plan(self, plan: SwarmPlan) -> str:
         self.graph = validate_plan(plan, self._limits, self._cfg.known_tools)
         # Created in dependency order, so every node's dependencies exist when it is launched.
         order = list(nx.lexicographical_topological_sort(self.graph))
@@ -362,18 +364,19 @@ class Job:
                     raise JobFailure(f"sub-agent {node.spec.id!r} failed: {out.text}")
         results = [(n.spec, n.outcome.text if n.outcome else "") for n in (self._nodes[s.id] for s in plan.subagents)]
         if plan.aggregate == "llm":
-            return await self._aggregate_llm(results)
+            return await self._aggregate_llm(plan, results)
         return "\n\n".join(f"## {_label(spec)}\n{text}" for spec, text in results)
 
-    async def _aggregate_llm(self, results: list[tuple[SubAgentSpec, str]]) -> str:
-        plan = self._spec.plan
-        assert plan is not None
+    async def _aggregate_llm(self, plan: SwarmPlan, results: list[tuple[SubAgentSpec, str]]) -> str:
+        # After a written plan the orchestrator is already running and its steps continue.
+        after_writer = self._spec.plan is None
         body = "\n\n".join(f"### Result of {_label(spec)}\n{text}" for spec, text in results)
         messages = [
             ChatMessage(role="system", content=AGGREGATOR_SYSTEM_PROMPT),
             ChatMessage(role="user", content=f"{plan.aggregate_prompt.strip() or DEFAULT_AGGREGATE_PROMPT}\n\n{body}"),
         ]
-        self.emit(SubAgentStarted(agent_id=ORCHESTRATOR_ID, worker=self._host_name))
+        if not after_writer:
+            self.emit(SubAgentStarted(agent_id=ORCHESTRATOR_ID, worker=self._host_name))
         try:
             res = await self._get_llm().chat(
                 messages, temperature=self._spec.llm.temperature, max_tokens=self._spec.llm.max_tokens
@@ -386,20 +389,77 @@ class Job:
             if isinstance(e, JobFailure):
                 raise
             raise JobFailure(f"the aggregation model call failed: {_error_text(e)}") from e
-        self._orchestrator_steps = 1
+        self._orchestrator_steps += 1
         msg = res.message
         self.emit(
             SubAgentStep(
                 agent_id=ORCHESTRATOR_ID,
-                step=1,
+                step=self._orchestrator_steps,
                 content=msg.content,
                 reasoning=msg.reasoning_content,
                 prompt_tokens=res.usage.prompt_tokens,
                 completion_tokens=res.usage.completion_tokens,
             )
         )
-        self.emit(SubAgentFinished(agent_id=ORCHESTRATOR_ID, result=msg.content or "", steps=1))
+        if not after_writer:
+            self.emit(SubAgentFinished(agent_id=ORCHESTRATOR_ID, result=msg.content or "", steps=1))
         return msg.content or ""
+
+    async def _execute_plan_writer(self) -> str:
+        """JobSpec.orchestrator == "plan": the model writes one whole plan (swarm.plan_writer; every
+        call, repairs included, is one orchestrator step), the DAG runs like a submitted plan (stage 1),
+        and the answer is aggregated as the plan says or with spec.plan_aggregate_prompt."""
+        spec = self._spec
+        assert spec.task is not None
+        self.emit(SubAgentStarted(agent_id=ORCHESTRATOR_ID, worker=self._host_name))
+        unknown = sorted(set(spec.subagent_tools) - set(self._cfg.known_tools))
+        if unknown:
+            raise self._fail_orchestrator(
+                f"subagent_tools names unknown tools {unknown} (known: {', '.join(sorted(self._cfg.known_tools))})"
+            )
+        try:
+            fmt = load_plan_format()
+        except (LookupError, TypeError) as e:
+            raise self._fail_orchestrator(f"cannot load the plan format: {e}") from e
+
+        def on_step(n: int, res: ChatResult) -> None:
+            self._orchestrator_steps = n
+            msg = res.message
+            self.emit(SubAgentStep(agent_id=ORCHESTRATOR_ID, step=n, content=msg.content, reasoning=msg.reasoning_content,
+                                   prompt_tokens=res.usage.prompt_tokens, completion_tokens=res.usage.completion_tokens))
+
+        # Planner calls and the aggregation share the orchestrator's step cap.
+        max_repairs = max(0, min(DEFAULT_MAX_REPAIRS, self._limits.orchestrator_max_steps - 2))
+        try:
+            written = await write_plan(self._get_llm(), fmt, spec.task, self._limits, spec.subagent_tools,
+                                       max_repairs=max_repairs, temperature=spec.llm.temperature,
+                                       max_tokens=spec.llm.max_tokens, on_step=on_step)
+        except asyncio.CancelledError:
+            self.emit(SubAgentCancelled(agent_id=ORCHESTRATOR_ID))
+            raise
+        except PlanRepairError as e:
+            raise self._fail_orchestrator(f"the planner wrote no valid plan: {e}") from e
+        except LLMError as e:
+            raise self._fail_orchestrator(f"the planner's model call failed: {e}") from e
+        plan = written.plan
+        if spec.plan_aggregate_prompt.strip():
+            plan = plan.model_copy(update={"aggregate": "llm", "aggregate_prompt": spec.plan_aggregate_prompt})
+        try:
+            answer = await self._execute_plan(plan)
+        except (asyncio.CancelledError, JobFailure) as e:
+            # The orchestrator ends with its job, unless the aggregation call already said how.
+            last = next((ev for ev in reversed(self._events) if getattr(ev, "agent_id", None) == ORCHESTRATOR_ID), None)
+            if not isinstance(last, (SubAgentFailed, SubAgentCancelled)):
+                cancelled = isinstance(e, asyncio.CancelledError)
+                self.emit(SubAgentCancelled(agent_id=ORCHESTRATOR_ID) if cancelled
+                          else SubAgentFailed(agent_id=ORCHESTRATOR_ID, error=str(e)))
+            raise
+        self.emit(SubAgentFinished(agent_id=ORCHESTRATOR_ID, result=answer, steps=self._orchestrator_steps))
+        return answer
+
+    def _fail_orchestrator(self, error: str) -> JobFailure:
+        self.emit(SubAgentFailed(agent_id=ORCHESTRATOR_ID, error=error))
+        return JobFailure(error)
 
     async def _execute_orchestrator(self) -> str:
         self.emit(SubAgentStarted(agent_id=ORCHESTRATOR_ID, worker=self._host_name))

@@ -132,6 +132,16 @@ class JobSpec(WireModel):
     llm: LLMConfig = Field(default_factory=LLMConfig)
     tools: ToolsConfig = Field(default_factory=ToolsConfig)
     metadata: dict[str, Any] = Field(default_factory=dict)
+    # How a task job is orchestrated: "agent" is the K2.5 create_subagent/assign_task agent; "plan" has
+    # the model write one whole plan up front (swarm.plan_writer, repaired on validation errors), runs
+    # it like a submitted plan, and aggregates the final answer.
+    orchestrator: Literal["agent", "plan"] = "agent"
+    plan_aggregate_prompt: str = Field(
+        "",
+        max_length=MAX_PROMPT_CHARS,
+        description="orchestrator 'plan': when set, the final answer is always one aggregation call with this "
+        "prompt (e.g. a table's columns); empty: as the written plan says",
+    )
 
     @model_validator(mode="after")
     def _task_or_plan(self) -> "JobSpec":
@@ -139,6 +149,8 @@ class JobSpec(WireModel):
             raise ValueError("a job needs exactly one of 'task' (orchestrator mode) or 'plan'")
         if self.task is not None and not self.task.strip():
             raise ValueError("'task' is empty")
+        if self.orchestrator == "plan" and self.plan is not None:
+            raise ValueError("orchestrator 'plan' writes the plan from 'task': give 'task', not 'plan'")
         return self
 
     @property

@@ -27,8 +27,8 @@ from swarm.plans import Limits
 def _plan() -> CompactPlan:
     return CompactPlan(
         agents=[
-            CompactAgent(id="lister", task="List all countries of Europe. Answer with names separated by '; '."),
-            CompactAgent(id="filler", task="For each country give its area in km².", depends_on=["lister"]),
+            CompactAgent(name="lister", task="List all countries of Europe. Answer with names separated by '; '."),
+            CompactAgent(name="filler", task="For each country give its area in km².", depends_on=[1]),
         ],
         aggregate="llm",
         aggregate_prompt="Merge into one table with columns: country, area_km2.",
@@ -37,12 +37,13 @@ def _plan() -> CompactPlan:
 
 def test_parse_plan_fills_prompt_and_tools_and_validates():
     plan = parse_plan(compact_plan_json(_plan()))
-    assert [s.id for s in plan.subagents] == ["lister", "filler"]
-    assert plan.subagents[1].depends_on == ["lister"]
+    assert [s.id for s in plan.subagents] == ["lister-1", "filler-2"]
+    assert [s.name for s in plan.subagents] == ["lister", "filler"]
+    assert plan.subagents[1].depends_on == ["lister-1"]
     assert all(s.system_prompt == SUBAGENT_SYSTEM_PROMPT and s.tools == ["search"] for s in plan.subagents)
     assert plan.aggregate == "llm" and plan.aggregate_prompt.startswith("Merge")
     graph = validate_plan(plan, Limits(), {"search"})
-    assert list(graph.edges) == [("lister", "filler")]
+    assert list(graph.edges) == [("lister-1", "filler-2")]
 
 
 def test_parse_plan_accepts_a_code_fence_and_custom_tools():
@@ -59,14 +60,17 @@ def test_parse_plan_accepts_a_code_fence_and_custom_tools():
         ("{not json", "not valid JSON"),
         ("[1, 2]", "must be a JSON object"),
         ('{"agents": []}', "agents"),
-        ('{"agents": [{"id": "a", "task": "t"}], "extra": 1}', "extra"),
-        ('{"agents": [{"id": "bad id!", "task": "t"}]}', "agents.0.id"),
-        ('{"agents": [{"id": "a", "task": ""}]}', "agents.0.task"),
-        ('{"agents": [{"id": "a", "task": "t", "depends_on": ["zz"]}]}', "unknown agent 'zz'"),
-        ('{"agents": [{"id": "a", "task": "t", "depends_on": ["b"]}, {"id": "b", "task": "t", "depends_on": ["a"]}]}',
-         "dependency cycle"),
-        ('{"agents": [{"id": "a", "task": "t"}, {"id": "a", "task": "u"}]}', "duplicate agent id 'a'"),
-        ('{"agents": [{"id": "a", "task": "t"}], "aggregate": "vote"}', "aggregate"),
+        ('{"agents": [{"name": "a", "task": "t"}], "extra": 1}', "extra"),
+        ('{"agents": [{"name": "bad id!", "task": "t"}]}', "agents.0.name"),
+        ('{"agents": [{"name": "a", "task": ""}]}', "agents.0.task"),
+        ('{"agents": [{"name": "a", "task": "t", "depends_on": ["zz"]}]}', "agents.0.depends_on.0"),
+        ('{"agents": [{"name": "a", "task": "t", "depends_on": [1]}]}', "agent 1 ('a') depends on 1"),
+        # a forward reference is how a cycle or an unknown agent looks in the positional form
+        ('{"agents": [{"name": "a", "task": "t", "depends_on": [2]}, {"name": "b", "task": "t", "depends_on": [1]}]}',
+         "agent 1 ('a') depends on 2, but an agent may only depend on agents listed before it"),
+        ('{"agents": [{"name": "a", "task": "t"}, {"name": "b", "task": "u", "depends_on": [7]}]}',
+         "agent 2 ('b') depends on 7"),
+        ('{"agents": [{"name": "a", "task": "t"}], "aggregate": "vote"}', "aggregate"),
     ],
 )
 def test_parse_plan_errors_name_the_problem(text, fragment):
@@ -76,7 +80,7 @@ def test_parse_plan_errors_name_the_problem(text, fragment):
 
 
 def test_parse_plan_respects_limits():
-    agents = [{"id": f"a{i}", "task": "t"} for i in range(5)]
+    agents = [{"name": "a", "task": "t"} for i in range(5)]
     with pytest.raises(PlanParseError, match="max_subagents=3"):
         parse_plan(json.dumps({"agents": agents}), limits=Limits(max_subagents=3))
 
@@ -86,19 +90,37 @@ def test_schema_accepts_the_trained_text_and_rejects_bad_plans():
     jsonschema.Draft202012Validator.check_schema(schema)
     jsonschema.validate(json.loads(compact_plan_json(_plan())), schema)
     with pytest.raises(jsonschema.ValidationError):
-        jsonschema.validate({"agents": [{"id": "a", "task": "t", "depends_on": [], "x": 1}], "aggregate": "concat"}, schema)
+        jsonschema.validate({"agents": [{"name": "a", "task": "t", "depends_on": [], "x": 1}], "aggregate": "concat"}, schema)
     with pytest.raises(jsonschema.ValidationError):
         jsonschema.validate({"agents": [], "aggregate": "concat"}, schema)
+    # forward references (the positional form of cycles and unknown agents) are outside the schema
+    two = [{"name": "a", "task": "t", "depends_on": [2]}, {"name": "b", "task": "u", "depends_on": []}]
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate({"agents": two, "aggregate": "concat"}, schema)
+    with pytest.raises(jsonschema.ValidationError):  # more agents than the limit
+        jsonschema.validate({"agents": [{"name": "a", "task": "t", "depends_on": []}] * 3, "aggregate": "concat"},
+                            plan_json_schema(max_agents=2))
 
 
 def test_engine_grammar_admits_exactly_the_trained_plan_text():
     tok = ByteTokenizer()
     matcher = GrammarCache(tok).matcher(Constraint("json_schema", json.dumps(plan_json_schema())))
-    for plan in (_plan(), CompactPlan(agents=[CompactAgent(id="cities-1", task="List the cities é ²")])):
+    for plan in (_plan(), CompactPlan(agents=[CompactAgent(name="cities", task="List the cities é ²")])):
         matcher.reset()
         assert all(matcher.accept(i) for i in tok.encode(compact_plan_json(plan)))
         assert matcher.accept(tok.eos_id) and matcher.is_terminated()
     # A plan with an unknown key is outside the grammar.
     matcher.reset()
-    bad = '{"agents": [{"id": "a", "task": "t", "depends_on": [], "tools": []}]'
+    bad = '{"agents": [{"name": "a", "task": "t", "depends_on": [], "tools": []}]'
     assert not all(matcher.accept(i) for i in tok.encode(bad))
+    # ... and so is a dependency on a later agent.
+    matcher.reset()
+    fwd = '{"agents": [{"name": "a", "task": "t", "depends_on": [2]'
+    assert not all(matcher.accept(i) for i in tok.encode(fwd))
+
+
+def test_compact_plan_json_refuses_text_the_grammar_cannot_write():
+    with pytest.raises(ValueError, match="constrained format"):
+        compact_plan_json(CompactPlan(agents=[CompactAgent(name="a", task='say "hi"')]))
+    with pytest.raises(ValueError, match="depends on 1"):
+        compact_plan_json(CompactPlan(agents=[CompactAgent(name="a", task="t", depends_on=[1])]))
