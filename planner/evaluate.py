@@ -1,0 +1,215 @@
+"""`swarm eval ENV`: the fixed eval set's tasks through the real runtime, as a swarm and/or as a
+single agent, scored by the environment; a table per task plus means, and a JSONL of the results.
+
+The spec builders here are shared with `swarm demo` (planner.demo): the swarm is a task job for the
+K2.5 agent orchestrator or for the plan-writing orchestrator; the single agent is a one-node plan
+with the same tools, so both run through the same runtime and are measured the same way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import orjson
+from rich.console import Console
+from rich.table import Table
+
+from planner.envs import get_env
+from planner.envs.base import Task
+from planner.prompts import aggregate_table_prompt
+from swarm.config import Settings, load_settings
+from swarm.plans import JobSpec, JobStatus, Limits, SubAgentSpec, SwarmPlan, ToolsConfig
+
+Policy = Literal["swarm", "single"]
+Orchestrator = Literal["agent", "plan"]
+POLICIES: dict[str, tuple[Policy, ...]] = {"swarm": ("swarm",), "single": ("single",), "both": ("swarm", "single")}
+
+NO_MODEL_HELP = """\
+No model endpoint is configured, so there is no model to run the agents.
+
+Set an OpenAI-compatible endpoint and run the command again, for example:
+
+  # Kimi K2.5 on the Moonshot platform
+  export SWARM_LLM_BASE_URL=https://api.moonshot.ai/v1
+  export SWARM_LLM_API_KEY=sk-...
+  export SWARM_LLM_MODEL=kimi-k2.5
+
+  # or any local OpenAI-compatible server (vLLM, SGLang, this project's `swarm model serve`)
+  export SWARM_LLM_BASE_URL=http://127.0.0.1:8000/v1
+  export SWARM_LLM_MODEL=<the served model name>
+
+The same fields can live in a YAML file given by --config or $SWARM_CONFIG (key `llm`).
+"""
+
+SINGLE_AGENT_PROMPT = (
+    "You are a careful research agent. Use the search tool as often as you need to find every "
+    "requested fact; do not guess. Answer with a markdown table with exactly the requested columns."
+)
+
+
+def model_configured(settings: Settings) -> bool:
+    return not (settings.llm.backend == "openai" and not (settings.llm.base_url and settings.llm.model))
+
+
+def swarm_spec(task: Task, settings: Settings, corpus: str, tools: list[str], *,
+               orchestrator: Orchestrator = "agent", label: str = "swarm") -> JobSpec:
+    """The task for the swarm. With the plan-writing orchestrator a table task is always merged into
+    one table by the aggregation call (aggregate_table_prompt); other tasks aggregate as the plan says."""
+    table = len(task.columns) > 1
+    return JobSpec(
+        name=f"{label} {task.id}",
+        task=task.prompt,
+        orchestrator=orchestrator,
+        plan_aggregate_prompt=aggregate_table_prompt(task.columns) if orchestrator == "plan" and table else "",
+        subagent_tools=tools,
+        tools=ToolsConfig(search_corpus=corpus),
+        llm=settings.llm,
+        metadata={"env": task.env, "task_id": task.id, "mode": "swarm", "orchestrator": orchestrator},
+    )
+
+
+def single_agent_spec(task: Task, settings: Settings, corpus: str, tools: list[str], *,
+                      label: str = "single agent") -> JobSpec:
+    agent = SubAgentSpec(id="single-agent", system_prompt=SINGLE_AGENT_PROMPT, task=task.prompt, tools=tools)
+    return JobSpec(
+        name=f"{label} {task.id}",
+        plan=SwarmPlan(subagents=[agent]),
+        tools=ToolsConfig(search_corpus=corpus),
+        llm=settings.llm,
+        limits=Limits(),
+        metadata={"env": task.env, "task_id": task.id, "mode": "single"},
+    )
+
+
+def select_tasks(tasks: Sequence[Task], n: int | None = None, max_rows: int | None = None) -> list[Task]:
+    """Tasks with at most max_rows gold rows (all when None), then the first n of them."""
+    if n is not None and n < 1:
+        raise ValueError(f"--n must be >= 1, got {n}")
+    if max_rows is not None and max_rows < 1:
+        raise ValueError(f"--max-rows must be >= 1, got {max_rows}")
+    picked = [t for t in tasks if max_rows is None or len(t.gold) <= max_rows]
+    if not picked:
+        raise ValueError(f"no task of the eval set has at most {max_rows} rows")
+    return picked[:n] if n is not None else picked
+
+
+@dataclass
+class EvalResult:
+    """One task run by one policy: what the JSONL holds, one object per line."""
+
+    env: str
+    task_id: str
+    policy: str
+    orchestrator: str
+    state: str
+    item_f1: float
+    row_f1: float
+    success: bool
+    critical_steps: int
+    total_steps: int
+    wall_s: float
+    subagents: int
+    tool_calls: int
+    prompt_tokens: int
+    completion_tokens: int
+    rows: int
+    error: str | None = None
+    answer: str = ""
+
+
+MEAN_FIELDS = ("item_f1", "row_f1", "critical_steps", "wall_s", "subagents", "tool_calls")
+
+
+def means(results: Sequence[EvalResult], policy: str) -> dict[str, float]:
+    mine = [r for r in results if r.policy == policy]
+    if not mine:
+        return {}
+    return {f: sum(float(getattr(r, f)) for r in mine) / len(mine) for f in MEAN_FIELDS}
+
+
+def results_table(title: str, results: Sequence[EvalResult]) -> Table:
+    table = Table(title=title)
+    for col in ("task", "policy", "state", "item-F1", "row-F1", "critical steps", "wall", "sub-agents", "tool calls"):
+        table.add_column(col, justify="left" if col in ("task", "policy", "state") else "right")
+    for r in results:
+        table.add_row(r.task_id, r.policy, r.state, f"{r.item_f1:.3f}", f"{r.row_f1:.3f}", str(r.critical_steps),
+                      f"{r.wall_s:.1f} s", str(r.subagents), str(r.tool_calls))
+    for policy in dict.fromkeys(r.policy for r in results):
+        m = means(results, policy)
+        table.add_row("mean", policy, "", f"{m['item_f1']:.3f}", f"{m['row_f1']:.3f}", f"{m['critical_steps']:.1f}",
+                      f"{m['wall_s']:.1f} s", f"{m['subagents']:.1f}", f"{m['tool_calls']:.1f}", style="bold")
+    return table
+
+
+def _result(env: Any, task: Task, policy: str, orchestrator: str, status: JobStatus, wall: float) -> EvalResult:
+    answer = status.result or ""
+    score = env.score(task, answer)
+    m = status.metrics
+    return EvalResult(env=task.env, task_id=task.id, policy=policy, orchestrator=orchestrator if policy == "swarm" else "",
+                      state=status.state.value, item_f1=score.item_f1, row_f1=score.row_f1, success=score.success,
+                      critical_steps=m.critical_steps, total_steps=m.total_steps, wall_s=wall, subagents=m.subagents,
+                      tool_calls=m.tool_calls, prompt_tokens=m.prompt_tokens, completion_tokens=m.completion_tokens,
+                      rows=len(task.gold), error=status.error, answer=answer)
+
+
+def run_eval(
+    env_name: str,
+    *,
+    settings: Settings | None = None,
+    address: str | None = None,
+    policy: str = "both",
+    n: int | None = None,
+    max_rows: int | None = None,
+    orchestrator: str = "agent",
+    out: str | Path | None = None,
+    console: Console | None = None,
+) -> int:
+    """Run the evaluation; returns the exit code (0 every job succeeded, 1 some failed, 2 not configured).
+    Raises ValueError for bad arguments (unknown env, policy or orchestrator; no task selected)."""
+    console = console or Console()
+    if policy not in POLICIES:
+        raise ValueError(f"--policy must be one of {', '.join(POLICIES)}, got {policy!r}")
+    if orchestrator not in ("agent", "plan"):
+        raise ValueError(f"--orchestrator must be 'agent' or 'plan', got {orchestrator!r}")
+    env = get_env(env_name)
+    tasks = select_tasks(env.eval_set(), n, max_rows)
+    settings = settings or load_settings()
+    if not model_configured(settings):
+        console.print(NO_MODEL_HELP, highlight=False)
+        return 2
+    out_path = Path(out) if out else Path(f"eval-{env_name}-{time.strftime('%Y%m%d-%H%M%S')}.jsonl")
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    with console.status("building the search corpus (first run only) ..."):
+        corpus = str(env.corpus_path())
+
+    from swarm.runtime import SwarmRuntime
+
+    runtime = SwarmRuntime(address=address or settings.ray_address, num_workers=settings.num_workers)
+    results: list[EvalResult] = []
+    try:
+        with out_path.open("wb") as f:
+            for task in tasks:
+                for pol in POLICIES[policy]:
+                    spec = (swarm_spec(task, settings, corpus, env.tools, orchestrator=orchestrator, label="eval swarm")  # type: ignore[arg-type]
+                            if pol == "swarm" else single_agent_spec(task, settings, corpus, env.tools, label="eval single"))
+                    t0 = time.perf_counter()
+                    with console.status(f"{task.id}: {pol} ..."):
+                        status = asyncio.run(runtime.run_job(spec))
+                    r = _result(env, task, pol, orchestrator, status, time.perf_counter() - t0)
+                    results.append(r)
+                    f.write(orjson.dumps(asdict(r)) + b"\n")
+                    f.flush()  # a long run keeps what it has if stopped
+                    line = (f"{task.id} {pol}: {r.state} item-F1 {r.item_f1:.3f} row-F1 {r.row_f1:.3f} "
+                            f"critical steps {r.critical_steps} wall {r.wall_s:.1f} s")
+                    console.print(line + (f" error: {r.error}" if r.error else ""), highlight=False)
+    finally:
+        runtime.shutdown()
+    title = f"{env_name}: {len(tasks)} task(s), swarm orchestrator {orchestrator!r}"
+    console.print(results_table(title, results))
+    console.print(f"results: {out_path}", highlight=False)
+    return 0 if all(r.state == "succeeded" for r in results) else 1

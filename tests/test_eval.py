@@ -1,0 +1,89 @@
+"""`swarm eval` end to end: the CLI, the real Ray runtime, the real search corpus and scoring, with
+the model played by the OpenAITestServer test double answering with the gold tables."""
+
+from __future__ import annotations
+
+
+import orjson
+import pytest
+from typer.testing import CliRunner
+
+from planner.envs import get_env
+from planner.evaluate import select_tasks
+from planner.plan_schema import CompactAgent, CompactPlan, compact_plan_json
+from swarm.cli import app
+from tests.openai_test_server import OpenAITestServer, completion
+
+runner = CliRunner()
+
+
+def gold_table(task) -> str:
+    lines = ["| " + " | ".join(task.columns) + " |", "|" + "---|" * len(task.columns)]
+    lines += ["| " + " | ".join(str(row[c]) for c in task.columns) + " |" for row in task.gold]
+    return "\n".join(lines)
+
+
+@pytest.fixture
+def endpoint(monkeypatch):
+    with OpenAITestServer() as server:
+        monkeypatch.delenv("SWARM_CONFIG", raising=False)
+        monkeypatch.setenv("SWARM_LLM_BASE_URL", server.url)
+        monkeypatch.setenv("SWARM_LLM_MODEL", "test-model")
+        monkeypatch.setenv("SWARM_LLM_API_KEY", "k")
+        monkeypatch.setenv("COLUMNS", "200")
+        yield server
+
+
+def read_jsonl(path) -> list[dict]:
+    return [orjson.loads(line) for line in path.read_bytes().splitlines()]
+
+
+def test_eval_runs_swarm_and_single_agent_and_writes_jsonl(ray_local, endpoint, tmp_path) -> None:
+    tasks = select_tasks(get_env("widegeo").eval_set(), n=2, max_rows=3)
+    for t in tasks:  # per task: the orchestrator answers at once, then the single agent does
+        endpoint.enqueue(completion(gold_table(t)), completion(gold_table(t)))
+    out = tmp_path / "res.jsonl"
+    r = runner.invoke(app, ["eval", "widegeo", "--n", "2", "--max-rows", "3", "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    rows = read_jsonl(out)
+    assert [(x["task_id"], x["policy"]) for x in rows] == [(t.id, p) for t in tasks for p in ("swarm", "single")]
+    assert all(x["state"] == "succeeded" and x["item_f1"] == 1.0 and x["row_f1"] == 1.0 for x in rows)
+    assert all(x["critical_steps"] == 1 and x["wall_s"] > 0 for x in rows)
+    assert [x["subagents"] for x in rows] == [0, 1, 0, 1]
+    # Per-task lines and the means row, with F1 1.000 printed.
+    assert "mean" in r.output and r.output.count("1.000") >= 8, r.output
+    assert str(out) in r.output.replace("\n", "")
+
+
+def test_eval_with_the_plan_writing_orchestrator(ray_local, endpoint, tmp_path) -> None:
+    task = select_tasks(get_env("widegeo").eval_set(), n=1, max_rows=3)[0]
+    plan = compact_plan_json(CompactPlan(agents=[CompactAgent(name="lookup", task="Fill the whole table.")]))
+    endpoint.enqueue(completion(plan), completion(gold_table(task)), completion(gold_table(task)))
+    out = tmp_path / "plan.jsonl"
+    r = runner.invoke(app, ["eval", "widegeo", "--n", "1", "--max-rows", "3", "--policy", "swarm",
+                            "--orchestrator", "plan", "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    (row,) = read_jsonl(out)
+    assert (row["policy"], row["orchestrator"], row["item_f1"]) == ("swarm", "plan", 1.0)
+    # planner call + aggregation call + the one agent's step
+    assert (row["critical_steps"], row["subagents"]) == (3, 1)
+    first, _, agg = endpoint.requests
+    assert first["response_format"]["json_schema"]["name"] == "swarm_plan"
+    # a table task is merged by the aggregation call with the table's columns
+    assert agg["messages"][-1]["content"].startswith("Merge the sub-agents' tables into one markdown table with "
+                                                     "exactly these columns: " + ", ".join(task.columns))
+
+
+def test_eval_bad_arguments_and_missing_endpoint(monkeypatch, tmp_path) -> None:
+    monkeypatch.delenv("SWARM_CONFIG", raising=False)
+    for var in ("SWARM_LLM_BASE_URL", "SWARM_LLM_MODEL", "OPENAI_BASE_URL"):
+        monkeypatch.delenv(var, raising=False)
+    r = runner.invoke(app, ["eval", "widegeo", "--policy", "crowd"])
+    assert r.exit_code == 2 and "--policy must be one of swarm, single, both" in r.output
+    r = runner.invoke(app, ["eval", "nowhere"])
+    assert r.exit_code == 2 and "unknown environment 'nowhere'" in r.output
+    r = runner.invoke(app, ["eval", "widegeo", "--max-rows", "1"])
+    assert r.exit_code == 2 and "no task of the eval set has at most 1 rows" in r.output
+    r = runner.invoke(app, ["eval", "deepgeo", "--n", "1", "--out", str(tmp_path / "x.jsonl")])
+    assert r.exit_code == 2 and "SWARM_LLM_BASE_URL" in r.output
+    assert not (tmp_path / "x.jsonl").exists()
