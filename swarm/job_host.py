@@ -62,7 +62,7 @@ MAX_REDISPATCHES = 10
 CANCEL_CONFIRM_S = 5.0
 MAX_EVENTS_PER_POLL = 5000
 # How long a cancelled run's tool lease may take to be settled by its worker before it counts as used.
-LEASE_SETTLE_S = 1.0
+LEASE_SETTLE_S = 3.0  # the worker's return of a cancelled run's lease can lag on a loaded machine
 
 AGGREGATOR_SYSTEM_PROMPT = (
     "You are the orchestrator of an agent swarm. Sub-agents worked on parts of a task in parallel; "
