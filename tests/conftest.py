@@ -16,10 +16,12 @@ def ray_local():
     import ray
     import ray.cloudpickle
 
+    import tests.runtime_test_tools
     import tests.scripted_policy
 
     # Test doubles travel to Ray workers by value, so workers need not import tests/.
     ray.cloudpickle.register_pickle_by_value(tests.scripted_policy)
+    ray.cloudpickle.register_pickle_by_value(tests.runtime_test_tools)
     if not ray.is_initialized():
         ray.init(num_cpus=4, include_dashboard=False, namespace="agent-swarm-tests", log_to_driver=False)
     yield ray

@@ -25,8 +25,8 @@ SPEC = RunnerSpec(preset="tiny", seed=0, num_slots=4, max_len=128)
 PROMPTS = [list(b"The capital of France is"), list(b"Once upon a time"), list(b"zz")]
 
 
-def engine(group) -> LLMEngine:
-    return LLMEngine(group, ByteTokenizer(), "tiny", stop_token_ids=[], min_prefix_reuse=4)
+def engine(group, **kw) -> LLMEngine:
+    return LLMEngine(group, ByteTokenizer(), "tiny", stop_token_ids=[], min_prefix_reuse=4, **kw)
 
 
 async def greedy_all(eng: LLMEngine, n: int = 10) -> list[list[int]]:
@@ -86,7 +86,7 @@ async def test_tp2_on_ray_matches_tp1_and_updates_weights_on_every_shard(ray_loc
 async def test_dead_shard_is_reported_by_rank(ray_local) -> None:
     group = RayShardGroup.create(SPEC, tp=2)
     try:
-        eng = engine(group)
+        eng = engine(group, max_shard_rebuilds=0)  # rebuilding off: the failure reaches the caller
         ok = await eng.complete(GenerationRequest("alive", PROMPTS[0], SamplingParams(temperature=0.0, max_tokens=3)))
         assert ok.completion_tokens == 3
         ray.kill(group.actors[1])
@@ -97,6 +97,78 @@ async def test_dead_shard_is_reported_by_rank(ray_local) -> None:
             await group.execute(None)  # type: ignore[arg-type]
     finally:
         group.shutdown()
+
+
+async def test_dead_shard_rebuilds_the_replica_and_resumes_in_flight_requests(ray_local) -> None:
+    """Rank 1 dies mid-generation: the engine builds a new TP-2 group (new processes, the hot-loaded
+    weights re-applied) and every in-flight request ends with exactly the tokens of an undisturbed run."""
+    gen = torch.Generator().manual_seed(5)
+    cfg = ModelRunner.build(SPEC).cfg
+    new = {"lm_head.weight": torch.randn(cfg.vocab_size, cfg.hidden_size, generator=gen)}
+    n = 12
+    params = [SamplingParams(temperature=0.0, max_tokens=n), SamplingParams(temperature=0.0, max_tokens=n),
+              SamplingParams(temperature=1.0, seed=7, max_tokens=n)]
+
+    async def stream(eng: LLMEngine, i: int, kill_after: int | None = None) -> tuple[list[int], str]:
+        toks, text = [], ""
+        async for ev in eng.generate(GenerationRequest(f"s{i}-{id(eng)}", PROMPTS[i], params[i])):
+            toks.append(ev.token_id)
+            text += ev.text
+            if kill_after is not None and len(toks) == kill_after:
+                ray.kill(eng.runners.actors[1])
+        return toks, text
+
+    runner = ModelRunner.build(SPEC)
+    runner.update_weights(new)
+    ref_eng = engine(LocalRunnerGroup(runner))
+    want = await asyncio.gather(*(stream(ref_eng, i) for i in range(3)))
+    await ref_eng.close()
+
+    group = RayShardGroup.create(SPEC, tp=2)
+    eng = engine(group)
+    try:
+        await eng.update_weights(new)
+        old_pids = set(await asyncio.gather(*(a.pid.remote() for a in group.actors)))
+        old_ids = {a._actor_id.hex() for a in group.actors}
+        got = await asyncio.wait_for(asyncio.gather(stream(eng, 0, kill_after=4), stream(eng, 1), stream(eng, 2)), 180)
+        assert eng.rebuilds == 1 and eng.runners is not group
+        # same tokens and text as the undisturbed run, each streamed once (greedy and seeded sampling)
+        assert got == want
+        assert all(len(toks) == n for toks, _ in got)
+        new_pids = set(await asyncio.gather(*(a.pid.remote() for a in eng.runners.actors)))
+        assert len(new_pids) == 2 and not new_pids & old_pids
+        assert not {a._actor_id.hex() for a in eng.runners.actors} & old_ids
+        # a request arriving after the rebuild runs on the new replica
+        res = await eng.complete(GenerationRequest("after", PROMPTS[0], params[0]))
+        assert res.token_ids == want[0][0]
+    finally:
+        await eng.close()
+        group.shutdown()
+
+
+def test_requeued_sequence_recomputes_prompt_and_output_in_chunks() -> None:
+    """After a rebuild a running sequence restarts from an empty cache: prompt + generated tokens are
+    recomputed in budget-sized chunks (a chunk may end past the prompt) and only the last one samples."""
+    from model_shards.scheduler import Scheduler
+
+    sched = Scheduler(max_slots=2, max_len=64, max_prefill_tokens_per_step=5)
+    seq = sched.add("r", [10, 11, 12, 13])
+    sched.commit(sched.schedule())
+    for tok in (20, 21, 22, 23):  # four generated tokens; the last is not in the cache yet
+        sched.append_token("r", tok)
+        if tok != 23:
+            sched.commit(sched.schedule())
+    assert seq.num_cached == 7
+    assert sched.requeue_running() == [seq]
+    assert seq.slot == -1 and seq.num_cached == 0 and list(sched.waiting) == [seq] and sched.num_free_slots() == 2
+    first = sched.schedule()
+    assert [(e.start, e.n, e.sample) for e in first.entries] == [(0, 5, False)]
+    assert first.to_input().input_ids.tolist() == [10, 11, 12, 13, 20]
+    sched.commit(first)
+    second = sched.schedule()
+    assert [(e.start, e.n, e.sample) for e in second.entries] == [(5, 3, True)]
+    assert second.to_input().input_ids.tolist() == [21, 22, 23]
+    assert seq.output_ids == [20, 21, 22, 23]  # nothing generated twice
 
 
 def test_placement_that_cannot_fit_fails_clearly(ray_local) -> None:

@@ -15,7 +15,6 @@ import orjson
 import pytest
 import ray
 import ray.cloudpickle
-from pydantic import BaseModel
 
 from swarm.events import (
     Event,
@@ -31,9 +30,10 @@ from swarm.events import (
 from swarm.plans import JobSpec, JobState, Limits, SubAgentSpec, SwarmPlan, ToolsConfig
 from swarm.runtime import SwarmRuntime
 from tests.scripted_policy import script_task, scripted_llm_factory
+from tests.runtime_test_tools import wait_file_tool
 from workers.agent_loop import BUDGET_EXHAUSTED
 from workers.tools import build_registry
-from workers.tools.registry import Tool, ToolRegistry
+from workers.tools.registry import ToolRegistry
 
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
@@ -42,17 +42,8 @@ NAMESPACE = "agent-swarm-test-runtime"
 
 def faults_test_registry(config: ToolsConfig) -> ToolRegistry:
     """The real built-in tools (python sandbox, calculator, ...) plus a `wait_file` test tool."""
-
-    class PathArgs(BaseModel):
-        path: str
-
-    async def wait_file(args: PathArgs, ctx: Any) -> str:
-        while not os.path.exists(args.path):
-            await asyncio.sleep(0.02)
-        return "released"
-
     registry = build_registry(config)
-    registry.register(Tool("wait_file", "test tool: wait until a file exists", PathArgs, wait_file))
+    registry.register(wait_file_tool())
     return registry
 
 

@@ -4,15 +4,12 @@ replacement, job settings sent to workers once, and the leased tool budget stayi
 from __future__ import annotations
 
 import asyncio
-import os
 import sys
 import uuid
-from typing import Any
 
 import pytest
 import ray
 import ray.cloudpickle
-from pydantic import BaseModel
 
 from swarm.events import Event, JobFinished, ToolResult
 from swarm.job_host import JOB_HOST_PREFIX
@@ -20,9 +17,10 @@ from swarm.plans import JobSpec, JobState, Limits, SubAgentSpec, SwarmPlan, Tool
 from swarm.runtime import JobNotFound, SwarmRuntime
 from swarm.worker_pool import SubAgentRun, worker_name
 from tests.scripted_policy import script_task, scripted_llm_factory
+from tests.runtime_test_tools import wait_file_tool
 from workers.agent_loop import BUDGET_EXHAUSTED
 from workers.tools import build_registry
-from workers.tools.registry import Tool, ToolRegistry
+from workers.tools.registry import ToolRegistry
 
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
@@ -31,17 +29,8 @@ NAMESPACE = "agent-swarm-test-hosts"
 
 def hosts_test_registry(config: ToolsConfig) -> ToolRegistry:
     """The built-in tools plus a `wait_file` test tool (keeps a job running until a file exists)."""
-
-    class PathArgs(BaseModel):
-        path: str
-
-    async def wait_file(args: PathArgs, ctx: Any) -> str:
-        while not os.path.exists(args.path):
-            await asyncio.sleep(0.02)
-        return "open"
-
     registry = build_registry(config)
-    registry.register(Tool("wait_file", "test tool: wait until a file exists", PathArgs, wait_file))
+    registry.register(wait_file_tool())
     return registry
 
 

@@ -11,7 +11,6 @@ import pytest
 import networkx as nx
 import orjson
 import ray.cloudpickle
-from pydantic import BaseModel
 
 from swarm.events import (
     ORCHESTRATOR_ID,
@@ -28,8 +27,9 @@ from swarm.llm import ChatMessage, ChatResult, ToolCall
 from swarm.orchestrator import Orchestrator, SubAgentOutcome, orchestrator_system_prompt, orchestrator_tools
 from swarm.plans import JobSpec, JobState, Limits, LLMConfig, SubAgentSpec, ToolsConfig
 from swarm.runtime import SwarmRuntime
-from tests.scripted_policy import ScriptedTestPolicy, parse_script, script_task
-from workers.tools.registry import Tool, ToolRegistry
+from tests.scripted_policy import script_task
+from tests.runtime_test_tools import block_tool, echo_llm_factory, echo_tool
+from workers.tools.registry import ToolRegistry
 
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
@@ -37,35 +37,8 @@ NAMESPACE = "agent-swarm-test-runtime"
 
 
 def orchestrator_test_registry(config: ToolsConfig) -> ToolRegistry:
-    """Test-only registry with one `echo` test tool (its output marks a sub-agent's trace)."""
-
-    class EchoArgs(BaseModel):
-        text: str
-
-    async def echo(args: EchoArgs, ctx: Any) -> str:
-        return args.text
-
-    async def block(args: EchoArgs, ctx: Any) -> str:
-        await asyncio.sleep(3600)  # only ever ends by cancellation
-        return args.text
-
-    return ToolRegistry(
-        [Tool("echo", "test tool: returns its text", EchoArgs, echo), Tool("block", "test tool: never returns", EchoArgs, block)]
-    )
-
-
-class EchoTaskTestPolicy(ScriptedTestPolicy):
-    """ScriptedTestPolicy that answers "echo_task" scripts with the agent's whole user message."""
-
-    async def chat(self, messages: list[ChatMessage], tools: Any = None, **kwargs: Any) -> ChatResult:
-        user = next(m.content or "" for m in messages if m.role == "user")
-        if parse_script(user).get("echo_task"):
-            return ChatResult(message=ChatMessage(role="assistant", content="ECHO:" + user.replace("<<script", "<<echoed")))
-        return await super().chat(messages, tools, **kwargs)
-
-
-def echo_llm_factory(config: Any) -> EchoTaskTestPolicy:
-    return EchoTaskTestPolicy()
+    """Test-only registry: `echo` (its output marks a sub-agent's trace) and `block` (never returns)."""
+    return ToolRegistry([echo_tool(), block_tool()])
 
 
 @pytest.fixture(scope="module")

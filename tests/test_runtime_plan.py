@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-import os
 import sys
 import uuid
 from typing import Any
@@ -11,7 +9,6 @@ from typing import Any
 import pytest
 import ray
 import ray.cloudpickle
-from pydantic import BaseModel
 
 from swarm.dag import PlanValidationError
 from swarm.events import (
@@ -23,12 +20,12 @@ from swarm.events import (
     SubAgentStarted,
     ToolResult,
 )
-from swarm.llm import ChatMessage, ChatResult
 from swarm.plans import JobSpec, JobState, Limits, SubAgentSpec, SwarmPlan, ToolsConfig
 from swarm.runtime import JobNotFound, SwarmRuntime
-from tests.scripted_policy import ScriptedTestPolicy, parse_script, script_task
+from tests.scripted_policy import script_task
+from tests.runtime_test_tools import echo_llm_factory, touch_tool, wait_file_tool
 from workers.tools.calculator import make_calculator_tool
-from workers.tools.registry import Tool, ToolRegistry
+from workers.tools.registry import ToolRegistry
 
 # Functions and classes of this module travel to Ray workers by value (workers need not import tests/).
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
@@ -38,42 +35,7 @@ NAMESPACE = "agent-swarm-test-runtime"
 
 def runtime_test_registry(config: ToolsConfig) -> ToolRegistry:
     """Test-only registry: the real calculator plus `wait_file` and `touch` test tools."""
-
-    class PathArgs(BaseModel):
-        path: str
-
-    async def wait_file(args: PathArgs, ctx: Any) -> str:
-        while not os.path.exists(args.path):
-            await asyncio.sleep(0.02)
-        return f"{args.path} exists"
-
-    async def touch(args: PathArgs, ctx: Any) -> str:
-        open(args.path, "w").close()
-        return f"created {args.path}"
-
-    return ToolRegistry(
-        [
-            make_calculator_tool(),
-            Tool("wait_file", "test tool: wait until a file exists", PathArgs, wait_file),
-            Tool("touch", "test tool: create a file", PathArgs, touch),
-        ]
-    )
-
-
-class EchoTaskTestPolicy(ScriptedTestPolicy):
-    """ScriptedTestPolicy that, for scripts with "echo_task", answers with its whole user message,
-    so a test can see exactly what an agent was given (its dependencies' results)."""
-
-    async def chat(self, messages: list[ChatMessage], tools: Any = None, **kwargs: Any) -> ChatResult:
-        user = next(m.content or "" for m in messages if m.role == "user")
-        if parse_script(user).get("echo_task"):
-            # Defuse the echoed script so an agent depending on this one still finds its own.
-            return ChatResult(message=ChatMessage(role="assistant", content="ECHO:" + user.replace("<<script", "<<echoed")))
-        return await super().chat(messages, tools, **kwargs)
-
-
-def echo_llm_factory(config: Any) -> EchoTaskTestPolicy:
-    return EchoTaskTestPolicy()
+    return ToolRegistry([make_calculator_tool(), wait_file_tool(), touch_tool()])
 
 
 @pytest.fixture(scope="module")

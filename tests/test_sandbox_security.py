@@ -9,13 +9,18 @@ the spelling itself is what the allowlist names, unless the address is allowlist
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
+import shutil
+import subprocess
 import time
 
 import pytest
 
+from workers.tools import python_sandbox
 from workers.tools.http_get import HttpGetRefused, UrlGuard
-from workers.tools.python_sandbox import SandboxLimits, landlock_abi, run_python
+from workers.tools.python_sandbox import SandboxLimits, SandboxResult, landlock_abi, run_python
 
 FAST = SandboxLimits(timeout_s=10.0, memory_mb=256)
 KERNEL_ONLY = SandboxLimits(timeout_s=3.0, memory_mb=256, audit_hook=False)
@@ -104,33 +109,153 @@ async def test_fork_is_refused_so_nothing_outlives_the_tool() -> None:
     assert "forked" not in res.stdout and "os.fork is not allowed" in res.stderr, res.render()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "known gap: without the audit hook, a child that calls setsid() leaves the sandbox's process "
-    "group, survives the group kill and holds the output pipe open, so the wall-time limit is not "
-    "enforced (no PID namespace or cgroup contains the sandbox; RLIMIT_NPROC does not bind root)"))
-async def test_kernel_layers_alone_contain_a_setsid_escape() -> None:
-    code = (
-        "import os, time\n"
-        "if os.fork() == 0:\n"
-        "    os.setsid()\n"
-        "    print('child', os.getpid(), flush=True)\n"
-        "    time.sleep(8)\n"
-        "    os._exit(0)\n"
-        "time.sleep(8)\n"
-    )
-    t0 = time.monotonic()
-    res = await run_python(code, KERNEL_ONLY)
-    took = time.monotonic() - t0
-    pids = [int(line.split()[1]) for line in res.stdout.splitlines() if line.startswith("child ")]
-    alive = []
-    for pid in pids:
+def _host_offers_pidns() -> bool:
+    exe = shutil.which("unshare")
+    flags = ["--net", "--pid", "--fork", "--kill-child", "--mount-proc"]
+    return exe is not None and subprocess.run([exe, *flags, "true"], capture_output=True).returncode == 0
+
+
+def _host_offers_pids_cgroup() -> bool:
+    for base in ("/sys/fs/cgroup/pids", "/sys/fs/cgroup"):
+        probe = os.path.join(base, f"swarm-test-probe-{os.getpid()}")
         try:
-            os.kill(pid, 0)
-            alive.append(pid)
-            os.kill(pid, 9)  # we started it: do not leave it behind
-        except ProcessLookupError:
-            pass
-    assert res.timed_out and took < 7 and not alive, (took, alive)
+            os.mkdir(probe)
+        except OSError:
+            continue
+        try:
+            return os.path.exists(os.path.join(probe, "pids.max"))
+        finally:
+            os.rmdir(probe)
+    return False
+
+
+HOST_PIDNS = _host_offers_pidns()
+HOST_PIDS_CGROUP = _host_offers_pids_cgroup()
+
+
+def _proc_table() -> dict[int, tuple[int, int]]:
+    """pid -> (ppid, start time in clock ticks) for every process on the host, from /proc."""
+    table: dict[int, tuple[int, int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        table[int(entry)] = (int(fields[1]), int(fields[19]))  # fields 4 and 22 of stat(5)
+    return table
+
+
+def _descendants(root: int, table: dict[int, tuple[int, int]]) -> set[tuple[int, int]]:
+    """(pid, start time) of `root` and all its descendants; the start time guards against pid reuse."""
+    found: set[tuple[int, int]] = set()
+    todo = [root]
+    while todo:
+        pid = todo.pop()
+        if pid in table:
+            found.add((pid, table[pid][1]))
+            todo.extend(child for child, (ppid, _) in table.items() if ppid == pid)
+    return found
+
+
+async def _run_and_watch(code: str, limits: SandboxLimits) -> tuple[SandboxResult, set[tuple[int, int]], float]:
+    """Run `code` while sampling the host's /proc for every process the sandbox starts."""
+    roots: list[int] = []
+    seen: set[tuple[int, int]] = set()
+    task = asyncio.create_task(run_python(code, limits, on_start=roots.append))
+    t0 = time.monotonic()
+    while not task.done():
+        if roots:
+            seen |= _descendants(roots[0], _proc_table())
+        await asyncio.sleep(0.05)
+    res = await task
+    return res, seen, time.monotonic() - t0
+
+
+def _survivors(seen: set[tuple[int, int]]) -> list[int]:
+    """Processes seen during the run that still exist; killed here so the test leaves nothing behind."""
+    table = _proc_table()
+    alive = [pid for pid, start in seen if pid in table and table[pid][1] == start]
+    for pid in alive:
+        try:
+            print("SURVIVOR", pid, open(f"/proc/{pid}/stat").read())
+        except OSError as e:
+            print("SURVIVOR gone", pid, e)
+    for pid in alive:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, 9)
+    return alive
+
+
+SLEEP_S = 60  # far beyond KERNEL_ONLY's 3 s limit: finishing well before it proves the limit was enforced
+
+SETSID_ESCAPE = (
+    "import os, time\n"
+    "if os.fork() == 0:\n"
+    "    os.setsid()\n"
+    "    print('child in its own session', os.getsid(0) == os.getpid(), flush=True)\n"
+    f"    time.sleep({SLEEP_S})\n"
+    "    os._exit(0)\n"
+    f"time.sleep({SLEEP_S})\n"
+)
+
+FORK_BOMB = (
+    "import os, time\n"
+    "n = 0\n"
+    "for i in range(5000):\n"
+    "    try:\n"
+    "        if os.fork() == 0:\n"
+    "            os.setsid()\n"
+    f"            time.sleep({SLEEP_S})\n"
+    "            os._exit(0)\n"
+    "        n += 1\n"
+    "    except OSError as e:\n"
+    "        print('fork refused', e.errno, flush=True)\n"
+    "        break\n"
+    "print('forked', n, flush=True)\n"
+    f"time.sleep({SLEEP_S})\n"
+)
+
+
+@pytest.mark.skipif(not HOST_PIDNS, reason="host allows no PID namespace (needs root or user namespaces)")
+async def test_kernel_layers_alone_contain_a_setsid_escape() -> None:
+    res, seen, took = await _run_and_watch(SETSID_ESCAPE, KERNEL_ONLY)
+    assert "pidns" in res.layers and "audit-hook" not in res.layers, res.layers
+    assert "child in its own session True" in res.stdout, res.render()
+    # launcher, the program (the namespace's init) and the setsid'd child were all seen on the host
+    assert len(seen) >= 3, seen
+    assert res.timed_out and took < SLEEP_S / 2, (took, res.render())
+    assert _survivors(seen) == []
+
+
+@pytest.mark.skipif(not (HOST_PIDNS and HOST_PIDS_CGROUP), reason="host offers no PID namespace or pids cgroup")
+async def test_kernel_layers_alone_bound_and_kill_a_fork_bomb() -> None:
+    limits = SandboxLimits(timeout_s=3.0, memory_mb=256, audit_hook=False, max_processes=16)
+    res, seen, took = await _run_and_watch(FORK_BOMB, limits)
+    assert "pids-cgroup" in res.layers and "pidns" in res.layers, res.layers
+    lines = res.stdout.splitlines()
+    assert lines[0] == "fork refused 11", res.render()  # EAGAIN from pids.max
+    forked = int(lines[1].split()[1])
+    # 16 slots: the launcher and the program hold two, so at most 14 children
+    assert 1 <= forked <= 14, res.render()
+    assert len(seen) >= forked, (len(seen), forked)
+    assert res.timed_out and took < SLEEP_S / 2, (took, res.render())
+    assert _survivors(seen) == []
+
+
+async def test_wall_time_holds_even_when_an_escaped_process_keeps_the_pipe(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a host with neither PID namespace nor pids cgroup, a setsid'd child outlives the kill and keeps
+    stdout open; the deadline must still end the call rather than wait for the pipe to close."""
+    monkeypatch.setattr(python_sandbox, "_unshare_flags", ["--net"] if python_sandbox._unshare_ok else [])
+    monkeypatch.setattr(python_sandbox, "_cgroup_probed", True)
+    monkeypatch.setattr(python_sandbox, "_cgroup_base", None)
+    res, seen, took = await _run_and_watch(SETSID_ESCAPE, KERNEL_ONLY)
+    assert "pidns" not in res.layers and "pids-cgroup" not in res.layers, res.layers
+    assert "child in its own session True" in res.stdout, res.render()
+    assert res.timed_out and took < SLEEP_S / 2, (took, res.render())
+    _survivors(seen)  # the escaped child is expected here; it is killed so nothing is left behind
 
 
 # ---- http_get --------------------------------------------------------------------------------
