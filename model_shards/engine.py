@@ -24,7 +24,7 @@ from model_shards.engine_api import (
     Tokenizer,
     collect,
 )
-from model_shards.model_runner import RunnerGroup, RunnerSpec
+from model_shards.model_runner import RunnerGroup, RunnerSpec, ShardDiedError
 from model_shards.scheduler import ScheduledStep, Scheduler
 from model_shards.tokenizer import StreamDecoder
 
@@ -67,6 +67,9 @@ class LLMEngine:
         max_prefill_tokens_per_step: prompt tokens per step (chunked prefill budget).
         prefix_reuse / min_prefix_reuse: copy cached prompt prefixes between slots.
         stop_token_ids: ids that end a request (default: the tokenizer's stop ids or its eos).
+        max_shard_rebuilds: when a shard of a rebuildable group (RayShardGroup) dies, rebuild the
+            replica and resume the in-flight requests, at most this many times in a row without a
+            successful step in between; 0 fails the in-flight requests instead.
     """
 
     def __init__(
@@ -80,7 +83,10 @@ class LLMEngine:
         prefix_reuse: bool = True,
         min_prefix_reuse: int = 16,
         stop_token_ids: list[int] | None = None,
+        max_shard_rebuilds: int = 3,
     ) -> None:
+        if max_shard_rebuilds < 0:
+            raise ValueError(f"max_shard_rebuilds must be >= 0, got {max_shard_rebuilds}")
         max_slots = runners.num_slots if max_slots is None else max_slots
         max_len = runners.max_len if max_len is None else max_len
         if max_slots > runners.num_slots:
@@ -106,6 +112,9 @@ class LLMEngine:
         self._step_lock: asyncio.Lock | None = None
         self._closed = False
         self.steps = 0  # steps executed (a metric; tests read it)
+        self.max_shard_rebuilds = max_shard_rebuilds
+        self.rebuilds = 0  # replicas rebuilt after a dead shard (a metric)
+        self._rebuilds_in_a_row = 0
 
     # ---- public API ----------------------------------------------------------------------------
     async def generate(self, req: GenerationRequest) -> AsyncIterator[TokenEvent]:
@@ -152,6 +161,7 @@ class LLMEngine:
             "free_slots": s.num_free_slots(),
             "steps": self.steps,
             "reused_prefix_tokens": s.reused_tokens,
+            "rebuilds": self.rebuilds,
         }
 
     async def close(self) -> None:
@@ -243,10 +253,16 @@ class LLMEngine:
             return False
         try:
             logits = await self.runners.execute(step.to_input())
-        except Exception as e:  # a dead shard, a bad checkpoint: fail the requests, keep serving
+        except ShardDiedError as e:
+            if not await self._rebuild_replica(e):
+                log.exception("engine step failed")
+                self._fail_running(e)
+            return True
+        except Exception as e:  # a bad checkpoint, a broken runner: fail the requests, keep serving
             log.exception("engine step failed")
             self._fail_running(e)
             return True
+        self._rebuilds_in_a_row = 0
         self.scheduler.commit(step)
         self.steps += 1
         try:
@@ -254,6 +270,37 @@ class LLMEngine:
         except Exception as e:
             log.exception("sampling failed")
             self._fail_running(e)
+        return True
+
+    async def _rebuild_replica(self, err: ShardDiedError) -> bool:
+        """Replace a replica that lost a shard and requeue its in-flight requests; False when the group
+        cannot be rebuilt. Runs under the step lock, so weight updates and new requests wait for it.
+        Requests keep their generated tokens, sampler generators and grammar state: the new replica
+        recomputes prompt + generated tokens and decoding resumes where it stopped (nothing is
+        streamed twice; seeded sampling continues from the same generator state)."""
+        rebuild = getattr(self.runners, "rebuild", None)
+        if rebuild is None or self.max_shard_rebuilds == 0:
+            return False
+        last: Exception = err
+        while self._rebuilds_in_a_row < self.max_shard_rebuilds:
+            self._rebuilds_in_a_row += 1
+            log.warning("%s: rebuilding the model replica (attempt %d of %d)", last, self._rebuilds_in_a_row,
+                        self.max_shard_rebuilds)
+            try:
+                # create() blocks on Ray; off the event loop, so streams and new requests keep flowing.
+                self.runners = await asyncio.to_thread(rebuild)
+            except Exception as e:
+                log.exception("rebuilding the model replica failed")
+                last = e
+                continue
+            self.rebuilds += 1
+            self.scheduler.requeue_running()
+            return True
+        self._fail_running(RuntimeError(
+            f"gave up rebuilding the model replica after {self.max_shard_rebuilds} attempts without a "
+            f"successful step; first error: {err}; last error: {last}"
+        ))
+        self._rebuilds_in_a_row = 0  # a later request gets a fresh set of attempts
         return True
 
     def _fail_running(self, err: Exception) -> None:

@@ -200,6 +200,22 @@ class Scheduler:
         for seq in self.running:
             seq.shareable = False
 
+    def requeue_running(self) -> list[Sequence]:
+        """The replica's KV caches were lost (it was rebuilt): forget every cached prefix and put each
+        running sequence back at the front of the queue, in order, to recompute its prompt and the
+        tokens it already generated. Generated tokens are kept, so nothing is sampled twice."""
+        requeued = list(self.running)
+        for seq in reversed(requeued):
+            seq.slot = -1
+            seq.num_cached = 0
+            seq.reused_prefix = 0
+            seq.shareable = True
+            self.waiting.appendleft(seq)
+        self.running.clear()
+        self._retained.clear()
+        self._empty_slots = list(range(self.max_slots - 1, -1, -1))
+        return requeued
+
     # ---- slots ---------------------------------------------------------------------------------
     def _release(self, seq: Sequence) -> None:
         if seq.slot < 0:
@@ -273,7 +289,8 @@ class Scheduler:
         for seq in self.running:
             if budget <= 0:
                 break
-            if seq.num_cached < len(seq.prompt_ids):
+            # A prompt still to compute, or (after a replica rebuild) prompt + generated tokens to recompute.
+            if seq.num_cached < len(seq.prompt_ids) or seq.num_tokens - seq.num_cached > 1:
                 n = min(seq.num_tokens - seq.num_cached, budget)
                 entries.append(StepEntry(seq, seq.num_cached, n, seq.num_cached + n == seq.num_tokens))
                 budget -= n

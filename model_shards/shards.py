@@ -80,6 +80,10 @@ class RayShardGroup:
         self.num_slots = spec.num_slots
         self.max_len = spec.max_len
         self._dead: str | None = None
+        # How create() was called, and every weight hot-loaded since: what rebuild() needs to make
+        # an identical replica.
+        self._create_kwargs: dict[str, Any] = {}
+        self._applied: dict[str, torch.Tensor] = {}
 
     @classmethod
     def create(
@@ -137,7 +141,32 @@ class RayShardGroup:
             remove_placement_group(pg)
             raise
         cfg = ModelConfig.from_hf_dict(infos[0]["config"])
-        return cls(actors, pg, cfg, spec)
+        group = cls(actors, pg, cfg, spec)
+        group._create_kwargs = {
+            "num_cpus_per_shard": num_cpus_per_shard,
+            "use_gpu": use_gpu,
+            "backend": backend,
+            "ready_timeout_s": ready_timeout_s,
+            "collective_timeout_s": collective_timeout_s,
+            "bundle_resources": dict(bundle_resources or {}),
+        }
+        return group
+
+    def rebuild(self) -> RayShardGroup:
+        """Tear this group down and start a fresh one from the same spec and placement options, with
+        every weight hot-loaded into this one re-applied. Blocking (run it off the event loop)."""
+        self.shutdown()
+        fresh = RayShardGroup.create(self.spec, self.tp_size, **self._create_kwargs)
+        if self._applied:
+            try:
+                ref = ray.put(dict(self._applied))
+                ray.get([a.update_weights.remote(ref) for a in fresh.actors],
+                        timeout=self._create_kwargs.get("ready_timeout_s", 300.0))
+            except Exception:
+                fresh.shutdown()
+                raise
+            fresh._applied = dict(self._applied)
+        return fresh
 
     def _check(self) -> None:
         if self._dead is not None:
@@ -174,6 +203,7 @@ class RayShardGroup:
         self._check()
         ref = ray.put(dict(tensors))  # one copy in the object store, read by every rank
         await self._all([a.update_weights.remote(ref) for a in self.actors])
+        self._applied.update(tensors)  # latest value of each name, for rebuild()
 
     def _kill_all(self) -> None:
         for a in self.actors:
