@@ -6,6 +6,13 @@ Layers, outermost first (each one is checked by tests/test_tools_python.py):
   HOME, removed afterwards; environment reduced to a few variables; `python -I -B` (no user site,
   no PYTHON* variables, no bytecode writes);
 - a fresh network namespace (`unshare --net`) where the host allows it: no interfaces, no loopback;
+- a fresh PID namespace (`unshare --pid --fork --kill-child --mount-proc`) where the host allows it:
+  the program is its init, so when it exits or is killed every descendant dies with it, whatever
+  session or process group it moved to (setsid), and no outside process can be named;
+- a cgroup `pids.max` where a pids cgroup hierarchy is writable (root): bounds forks and threads,
+  which RLIMIT_NPROC cannot do for root; on timeout every member of the cgroup is killed too;
+- a wall-time limit that does not depend on the output pipes closing: on the deadline everything
+  is killed and reading stops after a short grace;
 - kernel rlimits: address space (memory), CPU seconds, file size, open files, no core dumps;
 - Linux Landlock where the kernel has it: reads only of the Python installation, system libraries
   and a few devices; reads and writes only inside the temp dir; no TCP bind/connect; no execve; no
@@ -28,9 +35,9 @@ import signal
 import sys
 import sysconfig
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import orjson
 from pydantic import BaseModel, Field
@@ -61,6 +68,8 @@ class SandboxLimits:
     memory_mb: int = 512
     max_file_mb: int = 64
     max_open_files: int = 256
+    # Processes plus threads the program may hold at once (enforced where a pids cgroup is writable).
+    max_processes: int = 64
     # The audit-hook layer; tests switch it off to check the kernel layers on their own.
     audit_hook: bool = True
 
@@ -94,6 +103,22 @@ _BOOTSTRAP = r'''
 import sys, os, json, resource, ast, traceback, builtins
 cfg = json.loads(sys.argv[1])
 tmp = cfg["tmp"]
+if cfg["pidns"] and os.getpid() == 1:
+    # PID namespace init: the kernel shields init from its namespace's signals, so the program runs
+    # as its child instead; init reaps orphans and, when the program ends, records its status and
+    # exits, which makes the kernel kill whatever else is left in the namespace.
+    program = os.fork()
+    if program != 0:
+        while True:
+            try:
+                pid, status = os.wait()
+            except ChildProcessError:
+                os._exit(1)
+            if pid == program:
+                code = os.waitstatus_to_exitcode(status)
+                with open(cfg["status_file"], "w") as f:
+                    f.write(str(code))
+                os._exit(0)
 os.chdir(tmp)
 with open(cfg["code_file"], encoding="utf-8") as f:
     source = f.read()
@@ -295,29 +320,164 @@ def landlock_abi() -> int:
     return _landlock_abi
 
 
-async def _netns_available() -> bool:
-    """Whether `unshare --net` works here (needs root or user namespaces); checked once per process."""
-    global _unshare_ok, _unshare_path
-    if _unshare_ok is None:
+_PIDNS_FLAGS = ["--pid", "--fork", "--kill-child", "--mount-proc"]
+_unshare_flags: list[str] | None = None
+
+
+async def _unshare_ok_with(exe: str, flags: list[str]) -> bool:
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            exe, *flags, "true", stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL
+        )
+        return (await proc.wait()) == 0
+    except OSError:
+        return False
+
+
+async def _namespace_flags() -> list[str]:
+    """The `unshare` flags this host allows (needs root or user namespaces); probed once per process.
+
+    Prefers a network plus PID namespace, falls back to the network namespace alone, else none.
+    """
+    global _unshare_ok, _unshare_path, _unshare_flags
+    if _unshare_flags is None:
         exe = _unshare_path = shutil.which("unshare")
-        if exe is None:
-            _unshare_ok = False
-        else:
+        flags: list[str] = []
+        if exe is not None:
+            for candidate in (["--net", *_PIDNS_FLAGS], ["--net"]):
+                if await _unshare_ok_with(exe, candidate):
+                    flags = candidate
+                    break
+        _unshare_flags = flags
+        _unshare_ok = "--net" in flags
+    return _unshare_flags
+
+
+async def _netns_available() -> bool:
+    """Whether `unshare --net` works here; checked once per process."""
+    return "--net" in await _namespace_flags()
+
+
+_CGROUP_CANDIDATES = ("/sys/fs/cgroup/pids", "/sys/fs/cgroup")  # cgroup v1 pids hierarchy, then v2
+_cgroup_base: str | None = None
+_cgroup_probed = False
+
+
+def _pids_cgroup_base() -> str | None:
+    """A cgroup directory under which we may create children with `pids.max`; None when there is none."""
+    global _cgroup_base, _cgroup_probed
+    if not _cgroup_probed:
+        _cgroup_probed = True
+        for base in _CGROUP_CANDIDATES:
+            probe = os.path.join(base, f"swarm-py-probe-{os.getpid()}")
             try:
-                proc = await asyncio.create_subprocess_exec(
-                    exe, "--net", "true", stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL
-                )
-                _unshare_ok = (await proc.wait()) == 0
+                os.mkdir(probe)
             except OSError:
-                _unshare_ok = False
-    return _unshare_ok
+                continue
+            try:
+                with open(os.path.join(probe, "pids.max"), "w") as f:
+                    f.write("8")
+                _cgroup_base = base
+                break
+            except OSError:
+                continue
+            finally:
+                with contextlib.suppress(OSError):
+                    os.rmdir(probe)
+    return _cgroup_base
 
 
-def _kill_group(proc: asyncio.subprocess.Process) -> None:
+def _make_pids_cgroup(name: str, max_pids: int) -> str | None:
+    base = _pids_cgroup_base()
+    if base is None:
+        return None
+    path = os.path.join(base, name)
+    try:
+        os.mkdir(path)
+        with open(os.path.join(path, "pids.max"), "w") as f:
+            f.write(str(max_pids))
+    except OSError:
+        with contextlib.suppress(OSError):
+            os.rmdir(path)
+        return None
+    return path
+
+
+def _kill_cgroup(path: str | None, spare: int | None = None) -> None:
+    """SIGKILL every member of the cgroup but `spare` (one pass; members cannot leave it on their own)."""
+    if path is None:
+        return
+    try:
+        with open(os.path.join(path, "cgroup.procs")) as f:
+            pids = [int(x) for x in f.read().split()]
+    except OSError:
+        return
+    for pid in pids:
+        if pid != spare:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
+
+
+async def _remove_cgroup(path: str | None) -> None:
+    """Kill what is left in the cgroup and remove it; the kernel refuses while members remain."""
+    if path is None:
+        return
+    for _ in range(100):
+        _kill_cgroup(path)
+        try:
+            os.rmdir(path)
+            return
+        except FileNotFoundError:
+            return
+        except OSError:
+            await asyncio.sleep(0.02)
+
+
+def _children(pid: int) -> list[int]:
+    """Direct children of `pid`, from /proc (the `children` file, else a scan of every stat)."""
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [int(x) for x in f.read().split()]
+    except OSError:
+        pass
+    found = []
+    with contextlib.suppress(OSError):
+        for entry in os.listdir("/proc"):
+            if entry.isdigit():
+                with contextlib.suppress(OSError, ValueError, IndexError), open(f"/proc/{entry}/stat") as f:
+                    if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
+                        found.append(int(entry))
+    return found
+
+
+def _kill_group(proc: asyncio.subprocess.Process, cgroup: str | None = None, pidns: bool = False) -> None:
+    """SIGKILL everything the sandbox started.
+
+    With a PID namespace the namespace's init (the launcher's child) is killed first, so the kernel
+    kills every process in the namespace and the launcher reaps init and exits by itself: nothing
+    is left for the host's init to reap. Without one the process group and the cgroup are killed.
+    """
+    if pidns and proc.returncode is None:
+        for child in _children(proc.pid):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(child, signal.SIGKILL)
+        _kill_cgroup(cgroup, spare=proc.pid)
+        return
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(proc.pid, signal.SIGKILL)
     with contextlib.suppress(ProcessLookupError):
         proc.kill()
+    _kill_cgroup(cgroup)
+
+
+async def _kill_and_reap(proc: asyncio.subprocess.Process, cgroup: str | None, pidns: bool) -> None:
+    """Kill everything, then wait for the launcher; if it lingers, kill it and the group outright."""
+    _kill_group(proc, cgroup, pidns)
+    try:
+        await asyncio.wait_for(asyncio.shield(proc.wait()), timeout=2.0)
+    except TimeoutError:
+        _kill_group(proc, cgroup, pidns=False)
+        await proc.wait()
 
 
 async def run_python(
@@ -336,8 +496,12 @@ async def run_python(
         raise ValueError("code is empty")
     if limits.timeout_s <= 0 or limits.memory_mb < 32:
         raise ValueError("timeout_s must be > 0 and memory_mb >= 32")
+    if limits.max_processes < 2:
+        raise ValueError("max_processes must be >= 2 (the launcher and the program)")
     tmp = tempfile.mkdtemp(prefix="swarm-py-")
     proc: asyncio.subprocess.Process | None = None
+    cgroup: str | None = None
+    pidns = False
     try:
         code_file = os.path.join(tmp, "main.py")
         Path(code_file).write_text(code, encoding="utf-8")
@@ -353,12 +517,24 @@ async def run_python(
             "landlock": sys.platform.startswith("linux"),
             "audit": limits.audit_hook,
             "report_layers": report_layers,
+            "pidns": False,
+            "status_file": os.path.join(tmp, ".exit-status"),
         }
-        argv = [sys.executable, "-I", "-B", "-X", "utf8", "-c", _BOOTSTRAP, orjson.dumps(cfg).decode()]
         layers = ["process-group", "rlimits"]
-        if await _netns_available():
-            argv = [str(_unshare_path), "--net", "--"] + argv
+        ns_flags = await _namespace_flags()
+        cfg["pidns"] = pidns = "--pid" in ns_flags
+        argv = [sys.executable, "-I", "-B", "-X", "utf8", "-c", _BOOTSTRAP, orjson.dumps(cfg).decode()]
+        if ns_flags:
+            argv = [str(_unshare_path), *ns_flags, "--"] + argv
             layers.append("netns")
+            if pidns:
+                layers.append("pidns")
+        cgroup = _make_pids_cgroup(os.path.basename(tmp), limits.max_processes)
+        if cgroup is not None:
+            # The shell joins the cgroup, then execs the launcher: everything after it is counted.
+            procs = os.path.join(cgroup, "cgroup.procs")
+            argv = ["/bin/sh", "-c", 'echo $$ > "$0" && exec "$@"', procs] + argv
+            layers.append("pids-cgroup")
         if cfg["landlock"] and landlock_abi() > 0:
             layers.append(f"landlock-abi-{landlock_abi()}")
         if limits.audit_hook:
@@ -384,21 +560,30 @@ async def run_python(
         )
         if on_start is not None:
             on_start(proc.pid)
-        result = await _collect(proc, limits.timeout_s)
+        result = await _collect(proc, limits.timeout_s, cgroup, pidns)
         result.layers = layers
+        if pidns:
+            # `unshare` reports its child (our init), not the program: take the status init recorded.
+            try:
+                result.exit_code = int(Path(cfg["status_file"]).read_text())
+            except (OSError, ValueError):
+                result.exit_code = -signal.SIGKILL if result.timed_out or result.flooded else result.exit_code
         return result
     finally:
-        # Also reached on CancelledError: kill first, then reap, then remove the directory.
+        # Also reached on CancelledError: kill first, then reap, then remove the cgroup and directory.
         try:
             if proc is not None and proc.returncode is None:
-                _kill_group(proc)
                 with contextlib.suppress(Exception):
-                    await asyncio.shield(proc.wait())
+                    await asyncio.shield(_kill_and_reap(proc, cgroup, pidns))
+            with contextlib.suppress(Exception):
+                await asyncio.shield(_remove_cgroup(cgroup))
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-async def _collect(proc: asyncio.subprocess.Process, timeout_s: float) -> SandboxResult:
+async def _collect(
+    proc: asyncio.subprocess.Process, timeout_s: float, cgroup: str | None = None, pidns: bool = False
+) -> SandboxResult:
     assert proc.stdout is not None and proc.stderr is not None
     kept = {"out": bytearray(), "err": bytearray()}
     dropped = {"out": 0, "err": 0}
@@ -417,7 +602,7 @@ async def _collect(proc: asyncio.subprocess.Process, timeout_s: float) -> Sandbo
             dropped[name] += max(0, len(chunk) - max(room, 0))
             if total > FLOOD_BYTES:
                 flooded.set()
-                _kill_group(proc)
+                _kill_group(proc, cgroup, pidns)
                 return
 
     timed_out = False
@@ -428,19 +613,26 @@ async def _collect(proc: asyncio.subprocess.Process, timeout_s: float) -> Sandbo
         await asyncio.wait_for(asyncio.shield(pumps), timeout=timeout_s)
         # Output closed; the process may still run (it could close its pipes and loop on).
         await asyncio.wait_for(proc.wait(), timeout=max(0.05, deadline - loop.time()))
-    except asyncio.TimeoutError:
+    except TimeoutError:
         timed_out = not flooded.is_set()
-        _kill_group(proc)
+        await _kill_and_reap(proc, cgroup, pidns)
     except BaseException:
         pumps.cancel()
         raise
     await proc.wait()
     if not pumps.done():
-        # The group is dead, so the pipes reach EOF unless a grandchild escaped the group.
+        # Everything is killed, so the pipes normally reach EOF at once; if some process still holds
+        # them (a host without PID namespace or cgroup), stop reading rather than wait on it.
         try:
-            await asyncio.wait_for(pumps, timeout=2.0)
-        except asyncio.TimeoutError:
-            pass
+            await asyncio.wait_for(asyncio.shield(pumps), timeout=0.5)
+        except TimeoutError:
+            pumps.cancel()
+            with contextlib.suppress(BaseException):
+                await pumps
+            # Close our ends of the pipes now; asyncio.subprocess.Process exposes no public way to.
+            transport = getattr(proc, "_transport", None)
+            if transport is not None:
+                transport.close()
     out, out_extra = _cut(bytes(kept["out"]), dropped["out"])
     err, err_extra = _cut(bytes(kept["err"]), dropped["err"])
     return SandboxResult(
