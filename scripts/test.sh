@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Installs everything the tests need, then runs the whole suite (CPU; about 15 minutes on 2 cores).
+# Installs everything the tests need (incl. Debian Chromium for the browser tests), then runs the whole
+# suite (CPU; about 5 minutes on 2 cores).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh test
