@@ -18,8 +18,7 @@ from rich.table import Table
 
 from planner.envs import get_env
 from planner.envs.base import Score, Task
-# The spec builders are shared with `swarm eval` (re-exported here for earlier callers).
-from planner.evaluate import NO_MODEL_HELP, SINGLE_AGENT_PROMPT, model_configured, single_agent_spec, swarm_spec  # noqa: F401
+from planner.evaluate import NO_MODEL_HELP, model_configured, single_agent_spec, swarm_spec  # shared with `swarm eval`
 from swarm.config import Settings, load_settings
 from swarm.plans import JobSpec, JobStatus, new_job_id
 from swarm.progress import JobProgress

@@ -14,7 +14,6 @@ import json
 import os
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -90,12 +89,6 @@ rt.shutdown()
 '''
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _procs() -> dict[int, tuple[int, str]]:
     """pid -> (parent pid, command line) of every process we can see."""
     out: dict[int, tuple[int, str]] = {}
@@ -147,7 +140,7 @@ def _ray_start(args: list[str], env: dict[str, str]) -> None:
 @pytest.mark.timeout(300)
 def test_subagents_spread_over_two_nodes_and_survive_losing_one(tmp_path: Path) -> None:
     temp_dir = f"/tmp/swarm-mn-{secrets.token_hex(4)}"  # short: Ray's socket paths have a length limit
-    port = _free_port()
+    port = free_port()
     address = f"127.0.0.1:{port}"
     env = {
         **os.environ,
@@ -162,12 +155,12 @@ def test_subagents_spread_over_two_nodes_and_survive_losing_one(tmp_path: Path) 
         "RAY_health_check_failure_threshold": "4",
     }
     def common() -> list[str]:  # per node: each needs its own metrics port
-        return ["--temp-dir", temp_dir, "--dashboard-agent-listen-port", "0", "--metrics-export-port", str(_free_port())]
+        return ["--temp-dir", temp_dir, "--dashboard-agent-listen-port", "0", "--metrics-export-port", str(free_port())]
 
     driver: subprocess.Popen[str] | None = None
     try:
         _ray_start(["--head", f"--port={port}", "--node-ip-address=127.0.0.1", "--num-cpus=2",
-                    "--include-dashboard=false", f"--ray-client-server-port={_free_port()}",
+                    "--include-dashboard=false", f"--ray-client-server-port={free_port()}",
                     '--resources={"swarm_head": 1, "swarm_worker": 4}', *common()], env)
         head_pids = _cluster_pids(temp_dir)
         _ray_start([f"--address={address}", "--node-ip-address=127.0.0.1", "--num-cpus=2",
@@ -224,7 +217,13 @@ def test_subagents_spread_over_two_nodes_and_survive_losing_one(tmp_path: Path) 
 
 # ---- placement options (pure functions) and admission (jobs queue when the cluster is full) --------
 
-from swarm.placement import PlacementConfig, job_actor_options, model_shard_resources, worker_actor_options  # noqa: E402
+from swarm.placement import (  # noqa: E402
+    PlacementConfig,
+    job_actor_options,
+    model_shard_resources,
+    worker_actor_options,
+)
+from tests.net import free_port
 
 CLUSTER = {"CPU": 40.0, "swarm_head": 1.0, "swarm_worker": 32.0, "swarm_model": 8.0, "GPU": 8.0}
 LAPTOP = {"CPU": 8.0}

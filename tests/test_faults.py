@@ -10,11 +10,9 @@ service process killed and restarted against an external Ray cluster.
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -31,11 +29,20 @@ from pydantic import BaseModel
 
 from swarm.config import Settings
 from swarm.events import JobFinished, SubAgentRetried, ToolCalled, ToolResult
-from swarm.plans import JobSpec, JobState, Limits, LLMConfig, SubAgentSpec, SwarmPlan, ToolsConfig
+from swarm.plans import (
+    JobSpec,
+    JobState,
+    Limits,
+    LLMConfig,
+    SubAgentSpec,
+    SwarmPlan,
+    ToolsConfig,
+)
 from swarm.runtime import SwarmRuntime
 from swarm.service import JobService
 from swarm.store import JobStore
 from swarm.worker_pool import worker_name
+from tests.net import free_port
 from tests.openai_test_server import OpenAITestServer, completion
 from tests.scripted_policy import ScriptedTestPolicy, script_task
 from workers.tools import build_registry
@@ -279,12 +286,6 @@ class SlowOpenAITestServer(OpenAITestServer):
         return app
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _cluster_pids(temp_dir: str) -> set[int]:
     from tests.test_cluster_multinode import _cluster_pids as pids
 
@@ -316,7 +317,7 @@ def test_service_process_killed_and_restarted_resumes_from_sqlite(tmp_path: Path
     from tests.test_cluster_multinode import _kill, _ray_start
 
     temp_dir = f"/tmp/swarm-sv-{secrets.token_hex(4)}"
-    ray_port, api_port = _free_port(), _free_port()
+    ray_port, api_port = free_port(), free_port()
     address, url = f"127.0.0.1:{ray_port}", f"http://127.0.0.1:{api_port}"
     env = {**os.environ, "PYTHONPATH": str(REPO), "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
     env.pop("SWARM_CONFIG", None)
@@ -325,8 +326,8 @@ def test_service_process_killed_and_restarted_resumes_from_sqlite(tmp_path: Path
     proc: subprocess.Popen[bytes] | None = None
     try:
         _ray_start(["--head", f"--port={ray_port}", "--node-ip-address=127.0.0.1", "--num-cpus=2",
-                    "--include-dashboard=false", f"--ray-client-server-port={_free_port()}", "--temp-dir", temp_dir,
-                    "--dashboard-agent-listen-port", "0", "--metrics-export-port", str(_free_port())], env)
+                    "--include-dashboard=false", f"--ray-client-server-port={free_port()}", "--temp-dir", temp_dir,
+                    "--dashboard-agent-listen-port", "0", "--metrics-export-port", str(free_port())], env)
         proc = _serve(env, address, api_port, db, log)
         _wait_http(url, proc, log)
         # A chain a -> b -> c -> d: four model calls of 1.2 s one after another.

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,16 +17,11 @@ import pytest
 from swarm.llm import ChatMessage
 from swarm.llm_openai import OpenAIChatClient
 from swarm.plans import LLMConfig
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.net import free_port
 
 
 def test_model_serve_answers_openai_clients(tmp_path):
-    port = _free_port()
+    port = free_port()
     log = open(tmp_path / "serve.log", "w")
     proc = subprocess.Popen(
         [sys.executable, "-m", "swarm.cli", "model", "serve", "--preset", "tiny", "--no-ray", "--port", str(port),

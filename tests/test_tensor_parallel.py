@@ -4,7 +4,6 @@ for both routed-expert layouts, full precision and INT4."""
 from __future__ import annotations
 
 import os
-import socket
 from pathlib import Path
 
 import pytest
@@ -17,6 +16,7 @@ from model_shards.config import ModelConfig
 from model_shards.int4 import quantize_checkpoint
 from model_shards.model import ForwardBatch, KimiK2ForCausalLM, LatentKVCache
 from model_shards.parallel import check_divisibility
+from tests.net import free_port
 
 VOCAB = 512
 IDS = torch.randint(0, VOCAB, (2, 13), generator=torch.Generator().manual_seed(4))
@@ -49,12 +49,6 @@ def _worker(rank: int, world: int, port: int, ckpts: dict[str, str], out_dir: st
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     torch.manual_seed(3)
@@ -71,7 +65,7 @@ def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
 
 
 def test_tp2_matches_tp1_for_both_expert_layouts(checkpoints: dict[str, str], tmp_path: Path) -> None:
-    mp.spawn(_worker, args=(2, _free_port(), checkpoints, str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, free_port(), checkpoints, str(tmp_path)), nprocs=2, join=True)
     for kind, layout in CASES:
         _, single = load_checkpoint(checkpoints[kind])
         ref = run_model(single)
