@@ -31,7 +31,9 @@ from model_shards.checkpoint import load_checkpoint, save_checkpoint
 from model_shards.config import ModelConfig
 from model_shards.model import KimiK2ForCausalLM
 from model_shards.tokenizer import load_tokenizer
-from planner.traces import KINDS, EncodedExample, encode_conversation, length_stats, synthesize
+from model_shards.bpe import train_bpe, write_tokenizer_dir
+from model_shards.chat_template import render_segments
+from planner.traces import KINDS, Conversation, EncodedExample, encode_conversation, length_stats, synthesize
 
 STATE_FILE = "train_state.pt"
 LOG_FILE = "train_log.jsonl"
@@ -58,7 +60,11 @@ class SFTConfig(BaseModel):
     kinds: list[str] = Field(default_factory=lambda: list(KINDS))
     eval_every: int = Field(100, ge=1)
     save_every: int = Field(500, ge=1)
-    tokenizer: str = "byte:512"
+    tokenizer: str = Field("byte:512", description='"byte:VOCAB", a tokenizer directory, or "bpe:MERGES" '
+                           "(train a BPE vocabulary on this run's training traces and ship it with the checkpoint)")
+    # Weight of next-token loss on text the model reads (prompts, tool results); 0 = assistant tokens only.
+    # A little of it teaches the document structure, which the copy-from-results skill rests on.
+    context_loss_weight: float = Field(0.0, ge=0, le=1)
     # The shipped checkpoint's dtype: bfloat16 halves it (the small preset is ~73 MB in float32).
     save_dtype: Literal["float32", "bfloat16"] = "float32"
     threads: int | None = Field(None, ge=1)
@@ -71,23 +77,47 @@ class SFTData:
     report: dict[str, Any]
 
 
-def build_data(cfg: SFTConfig, max_len: int) -> SFTData:
-    """Synthesises and encodes train and held-out eval examples; drops ones longer than max_len."""
+BUCKET_WINDOW = 256
+BPE_MIN_FREQUENCY = 20  # every BPE token occurs this often in the training traces
+
+
+def resolve_tokenizer(cfg: SFTConfig, train_convs: list[Conversation], out: Path) -> tuple[Any, dict[str, Any]]:
+    """The run's tokenizer; for "bpe:MERGES" it is trained on the training conversations only (never
+    on held-out text, so no token exists whose embedding the model never saw) and written to `out`."""
+    if not cfg.tokenizer.startswith("bpe:"):
+        return load_tokenizer(cfg.tokenizer), {"spec": cfg.tokenizer}
+    try:
+        merges = int(cfg.tokenizer.split(":", 1)[1])
+    except ValueError:
+        raise ValueError(f"tokenizer {cfg.tokenizer!r}: expected bpe:MERGES with an integer") from None
+    texts = (text for conv in train_convs
+             for text, control in render_segments(conv.messages, conv.tools, add_generation_prompt=False) if not control)
+    ranks = train_bpe(texts, merges, min_frequency=BPE_MIN_FREQUENCY)
+    write_tokenizer_dir(ranks, out)
+    return load_tokenizer(out), {"spec": cfg.tokenizer, "merges_learnt": len(ranks) - 256,
+                                 "min_frequency": BPE_MIN_FREQUENCY}
+
+
+def build_data(cfg: SFTConfig, max_len: int, out_dir: Path | None = None) -> tuple[SFTData, Any]:
+    """Synthesises and encodes train and held-out eval examples (dropping ones longer than max_len);
+    returns them with the tokenizer (trained into `out_dir` for "bpe:MERGES")."""
     from planner.envs import get_env
 
     bad = [k for k in cfg.kinds if k not in KINDS]
     if bad:
         raise ValueError(f"unknown conversation kinds {bad}; choose from {list(KINDS)}")
     env = get_env("widegeo")
-    tok = load_tokenizer(cfg.tokenizer)
     train_tasks = env.tasks("train", cfg.train_tasks, cfg.data_seed)
     seen = {t.prompt for t in train_tasks}
     # Held-out tasks: another seed of the train split, minus any prompt the training set has.
     eval_tasks = [t for t in env.tasks("train", cfg.eval_tasks, cfg.data_seed + 1_000_003) if t.prompt not in seen]
+    synthesized = {name: synthesize(env, tasks) for name, tasks in (("train", train_tasks), ("eval", eval_tasks))}
+    train_convs = [c for tr in synthesized["train"][0] for c in tr.conversations if c.kind in cfg.kinds]
+    tok, tok_report = resolve_tokenizer(cfg, train_convs, out_dir or Path(cfg.out))
     out: dict[str, list[EncodedExample]] = {}
-    report: dict[str, Any] = {}
-    for name, tasks in (("train", train_tasks), ("eval", eval_tasks)):
-        traces, rep = synthesize(env, tasks)
+    report: dict[str, Any] = {"tokenizer": tok_report}
+    for name in ("train", "eval"):
+        traces, rep = synthesized[name]
         enc = [encode_conversation(c, tok) for tr in traces for c in tr.conversations if c.kind in cfg.kinds]
         kept = [e for e in enc if len(e) <= max_len]
         report[name] = {**rep.as_dict(), "lengths_all": length_stats(enc), "kept_by_kind": dict(
@@ -96,14 +126,18 @@ def build_data(cfg: SFTConfig, max_len: int) -> SFTData:
         out[name] = kept
     if not out["train"]:
         raise ValueError(f"no training example fits max_len={max_len}; raise --max-len or change --kinds")
-    return SFTData(out["train"], out["eval"], report)
+    return SFTData(out["train"], out["eval"], report), tok
 
 
 def make_batches(examples: list[EncodedExample], batch_tokens: int, seed: int, epoch: int) -> list[list[int]]:
-    """Indices of each batch of one epoch: a seeded shuffle, then greedy packing under the token budget
-    (batch size × its longest example, so padding counts)."""
+    """Indices of each batch of one epoch: a seeded shuffle, sorted by length within windows of
+    BUCKET_WINDOW examples (so a batch holds similar lengths and pads little), greedy packing under
+    the token budget (batch size × its longest example, so padding counts), then the batches shuffled."""
+    rng = random.Random(f"sft/{seed}/{epoch}")
     order = list(range(len(examples)))
-    random.Random(f"sft/{seed}/{epoch}").shuffle(order)
+    rng.shuffle(order)
+    order = [i for w in range(0, len(order), BUCKET_WINDOW)
+             for i in sorted(order[w : w + BUCKET_WINDOW], key=lambda j: len(examples[j]))]
     batches: list[list[int]] = []
     cur: list[int] = []
     longest = 0
@@ -116,6 +150,7 @@ def make_batches(examples: list[EncodedExample], batch_tokens: int, seed: int, e
         longest = max(longest, n)
     if cur:
         batches.append(cur)
+    rng.shuffle(batches)
     return batches
 
 
@@ -127,25 +162,31 @@ def batch_stream(examples: list[EncodedExample], batch_tokens: int, seed: int) -
         epoch += 1
 
 
-def collate(batch: list[EncodedExample], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """[B, L] ids (right-padded) and [B, L] float mask (0 on padding)."""
+def collate(batch: list[EncodedExample], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """[B, L] ids (right-padded), [B, L] float assistant mask and [B, L] float 1-on-real-tokens mask."""
     longest = max(len(e) for e in batch)
     ids = torch.full((len(batch), longest), pad_id, dtype=torch.long)
     mask = torch.zeros((len(batch), longest), dtype=torch.float32)
+    valid = torch.zeros((len(batch), longest), dtype=torch.float32)
     for r, e in enumerate(batch):
         ids[r, : len(e)] = torch.tensor(e.ids, dtype=torch.long)
         mask[r, : len(e)] = torch.tensor(e.mask, dtype=torch.float32)
-    return ids, mask
+        valid[r, : len(e)] = 1.0
+    return ids, mask, valid
 
 
-def masked_lm_loss(model: KimiK2ForCausalLM, ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """Mean next-token loss over positions whose TARGET token is assistant-written; (loss, n targets)."""
+def masked_lm_loss(model: KimiK2ForCausalLM, ids: torch.Tensor, mask: torch.Tensor,
+                   context_weight: float = 0.0, valid: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
+    """Mean next-token loss over positions whose TARGET token is assistant-written, plus
+    `context_weight` × the loss on the other real (non-padding, `valid`) targets; (loss, n targets)."""
     logits = model.forward_logits(ids)[:, :-1]
     targets = ids[:, 1:]
     weights = mask[:, 1:]
     n = int(weights.sum().item())
     if n == 0:
         raise ValueError("batch has no assistant tokens to learn")
+    if context_weight and valid is not None:
+        weights = weights + context_weight * valid[:, 1:] * (1 - weights)
     losses = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none")
     return (losses * weights.reshape(-1)).sum() / n, n
 
@@ -165,7 +206,7 @@ def evaluate(model: KimiK2ForCausalLM, examples: list[EncodedExample], batch_tok
     model.eval()
     total, count = 0.0, 0
     for b in make_batches(examples, batch_tokens, seed=0, epoch=0):
-        ids, mask = collate([examples[i] for i in b], pad_id)
+        ids, mask, _ = collate([examples[i] for i in b], pad_id)
         loss, n = masked_lm_loss(model, ids, mask)
         total += float(loss) * n
         count += n
@@ -195,7 +236,8 @@ def save_policy(model: KimiK2ForCausalLM, mcfg: ModelConfig, cfg: SFTConfig, out
                  for k, v in model.hf_state_dict().items()}
         save_checkpoint(state, dataclasses.replace(mcfg, torch_dtype=cfg.save_dtype), out)
     (out / POLICY_FILE).write_text(json.dumps({
-        "tokenizer": cfg.tokenizer,
+        # A trained BPE vocabulary lives next to the weights (tiktoken.model), as in Kimi's checkpoints.
+        "tokenizer": "." if cfg.tokenizer.startswith("bpe:") else cfg.tokenizer,
         "chat_format": "kimi-k2 (model_shards.chat_template)",
         "step": step,
         "eval_loss": eval_loss,
@@ -232,10 +274,15 @@ def train(cfg: SFTConfig, resume: bool = False, data: SFTData | None = None) -> 
     out.mkdir(parents=True, exist_ok=True)
     mcfg = ModelConfig.preset(cfg.preset)
     max_len = cfg.max_len or mcfg.max_position_embeddings
-    tok = load_tokenizer(cfg.tokenizer)
+    if data is None:
+        data, tok = build_data(cfg, max_len, out)
+    else:
+        tok = load_tokenizer(out if cfg.tokenizer.startswith("bpe:") else cfg.tokenizer)
+    if cfg.tokenizer.startswith("bpe:"):
+        # The embedding follows the trained vocabulary (rounded up to a multiple of 64 for the GEMMs).
+        mcfg = dataclasses.replace(mcfg, vocab_size=-(-tok.vocab_size // 64) * 64)
     if tok.vocab_size > mcfg.vocab_size:
         raise ValueError(f"tokenizer {cfg.tokenizer!r} has {tok.vocab_size} ids, more than the model's vocab_size {mcfg.vocab_size}")
-    data = data or build_data(cfg, max_len)
     torch.manual_seed(cfg.seed)
     model = KimiK2ForCausalLM(mcfg, dtype=torch.float32)
     model.train()
@@ -268,11 +315,11 @@ def train(cfg: SFTConfig, resume: bool = False, data: SFTData | None = None) -> 
     t0 = time.perf_counter()
     while step < cfg.steps:
         batch = next(stream)
-        ids, mask = collate(batch, pad_id)
+        ids, mask, valid = collate(batch, pad_id)
         lr = lr_at(step, cfg)
         for g in opt.param_groups:
             g["lr"] = lr
-        loss, n = masked_lm_loss(model, ids, mask)
+        loss, n = masked_lm_loss(model, ids, mask, cfg.context_loss_weight, valid)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         gnorm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip))
@@ -316,7 +363,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[SFTConfig, bool]:
     p.add_argument("--kinds", nargs="+", default=list(KINDS), choices=list(KINDS))
     p.add_argument("--eval-every", type=int, default=100)
     p.add_argument("--save-every", type=int, default=500)
-    p.add_argument("--tokenizer", default="byte:512")
+    p.add_argument("--tokenizer", default="byte:512", help='"byte:VOCAB", a tokenizer dir, or "bpe:MERGES" (trained on the traces)')
+    p.add_argument("--context-loss-weight", type=float, default=0.0)
     p.add_argument("--save-dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--resume", action="store_true", help="continue from OUT/train_state.pt")

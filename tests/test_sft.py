@@ -113,8 +113,9 @@ def test_schedule_batches_and_cli(tmp_path, data):
     assert all(len(b) * max(len(data.train[i]) for i in b) <= 3 * SUFFIX for b in batches)
     assert batches == make_batches(data.train, 3 * SUFFIX, seed=1, epoch=0)
     assert batches != make_batches(data.train, 3 * SUFFIX, seed=1, epoch=1)
-    ids, mask = collate([data.train[0], data.train[1]], pad_id=270)
-    assert ids.shape == mask.shape and mask.sum() == sum(data.train[0].mask) + sum(data.train[1].mask)
+    ids, mask, valid = collate([data.train[0], data.train[1]], pad_id=270)
+    assert ids.shape == mask.shape == valid.shape and mask.sum() == sum(data.train[0].mask) + sum(data.train[1].mask)
+    assert valid.sum() == len(data.train[0]) + len(data.train[1])
     parsed, resume = parse_args(["--preset", "tiny", "--out", str(tmp_path), "--steps", "7", "--kinds", "subagent", "--resume"])
     assert parsed.steps == 7 and parsed.kinds == ["subagent"] and resume
     with pytest.raises(SystemExit):
@@ -139,3 +140,38 @@ def test_bfloat16_save_halves_the_checkpoint_and_keeps_the_model(tmp_path, data)
         ref = model.forward_logits(ids)
         got = loaded.float().forward_logits(ids)
     assert torch.allclose(ref, got, atol=0.1, rtol=0.05)
+
+
+def test_bpe_run_trains_its_vocabulary_on_train_traces_and_ships_it(tmp_path):
+    from model_shards.serve import default_tokenizer
+    from model_shards.tokenizer import TiktokenTokenizer, load_tokenizer
+
+    out = tmp_path / "bpe"
+    cfg = SFTConfig(preset="tiny", out=str(out), steps=1, seed=0, batch_tokens=2048, max_len=1024, lr=1e-3,
+                    warmup=0, train_tasks=3, eval_tasks=1, data_seed=5, kinds=["orchestrator_plan"],
+                    tokenizer="bpe:400", context_loss_weight=0.1, threads=2)
+    res = train(cfg)
+    assert res.steps == 1
+    tok = load_tokenizer(out)
+    assert isinstance(tok, TiktokenTokenizer) and default_tokenizer(str(out)) == str(out)
+    policy = json.loads((out / POLICY_FILE).read_text())
+    assert policy["tokenizer"] == "." and policy["data"]["tokenizer"]["spec"] == "bpe:400"
+    mcfg, _ = load_checkpoint(out)
+    # The embedding covers the trained vocabulary (rounded up to 64), not the preset's byte vocabulary.
+    assert mcfg.vocab_size >= tok.vocab_size and mcfg.vocab_size % 64 == 0 and mcfg.vocab_size != 512
+    # The vocabulary compresses the traces it was trained on (3 tasks, merges seen >= 20 times).
+    from planner.prompts import PLAN_MODE_PROMPT
+    assert len(tok.encode(PLAN_MODE_PROMPT)) < 0.9 * len(PLAN_MODE_PROMPT.encode())
+    with pytest.raises(ValueError, match="bpe:MERGES"):
+        train(cfg.model_copy(update={"tokenizer": "bpe:many", "out": str(tmp_path / "bad")}))
+
+
+def test_context_loss_weight_adds_the_read_tokens(data):
+    torch.manual_seed(0)
+    model = KimiK2ForCausalLM(ModelConfig.preset("tiny"), dtype=torch.float32)
+    ids, mask, valid = collate(data.train[:2], pad_id=270)
+    with torch.no_grad():
+        plain, n = masked_lm_loss(model, ids, mask)
+        weighted, n2 = masked_lm_loss(model, ids, mask, 0.1, valid)
+        ctx_only, _ = masked_lm_loss(model, ids, mask, 1.0, valid)
+    assert n == n2 and weighted > plain and ctx_only > weighted

@@ -163,15 +163,16 @@ def _moe_grouped(
         h = F.silu(torch.bmm(padded, w_gate.transpose(1, 2))) * torch.bmm(padded, w_up.transpose(1, 2))
         y = torch.bmm(h, w_down.transpose(1, 2))[experts, slot]
     else:
+        # split / unbind instead of per-expert slices and indexing: under autograd each slice's
+        # backward would zero-fill a gradient the size of the whole tensor (E fills per layer); these
+        # backward as one cat / stack.
+        busy_ids = [e for e, c in enumerate(counts) if c]
+        x_parts = torch.split(xs, [counts[e] for e in busy_ids])
+        per_expert = list(zip(*(w.unbind(0) for w in stacked))) if stacked is not None else None
         parts = []
-        start = 0
-        for e, c in enumerate(counts):
-            if not c:
-                continue
-            wg, wu, wd = weights_of(e)
-            xe = xs[start : start + c]
+        for e, xe in zip(busy_ids, x_parts):
+            wg, wu, wd = per_expert[e] if per_expert is not None else weights_of(e)
             parts.append(F.linear(F.silu(F.linear(xe, wg)) * F.linear(xe, wu), wd))
-            start += c
         y = parts[0] if len(parts) == 1 else torch.cat(parts, 0)
     return out.index_add(0, rows, y.float() * gate_w).to(x.dtype)
 

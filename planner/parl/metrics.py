@@ -1,0 +1,72 @@
+"""Per-step training metrics: metrics.jsonl (dashboards.metrics format, read by the dashboard) and,
+optionally, TensorBoard when `torch.utils.tensorboard` can be imported."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from dashboards.metrics import METRICS_FILE, append_metrics
+from planner.parl.reward import RewardTerms
+from planner.parl.rollout import Episode
+
+
+def _mean(xs: Sequence[float]) -> float | None:
+    return sum(xs) / len(xs) if xs else None
+
+
+def rollout_metrics(episodes: Sequence[Episode], terms: Sequence[RewardTerms], tasks: int) -> dict[str, float | None]:
+    """Means over the step's episodes of each reward term and of what the swarm did."""
+    tokens = sum(len(s.completion_ids) for e in episodes for s in e.samples)
+    wall = sum(e.wall_s for e in episodes)
+    return {
+        "reward": _mean([t.total for t in terms]),
+        "r_parallel": _mean([t.r_parallel for t in terms]),
+        "r_finish": _mean([t.r_finish for t in terms]),
+        "r_perf": _mean([t.r_perf for t in terms]),
+        "lambda1": terms[0].lambda1 if terms else None,
+        "lambda2": terms[0].lambda2 if terms else None,
+        "critical_steps": _mean([float(e.stats.critical_steps) for e in episodes]),
+        "item_f1": _mean([e.item_f1 for e in episodes]),
+        "subagents_per_task": _mean([float(e.subagents) for e in episodes]),
+        "tool_calls_per_task": _mean([float(e.tool_calls) for e in episodes]),
+        "job_success_rate": _mean([1.0 if e.state == "succeeded" else 0.0 for e in episodes]),
+        "episode_retries": float(sum(e.attempts - 1 for e in episodes)),
+        "episodes": float(len(episodes)),
+        "tasks": float(tasks),
+        "orchestrator_tokens": float(tokens),
+        "share_tools_in_rollout": (sum(e.tool_time_s for e in episodes) / wall) if wall > 0 else None,
+        "episode_wall_s": _mean([e.wall_s for e in episodes]),
+    }
+
+
+class MetricsWriter:
+    """Appends one record per step to <out>/metrics.jsonl (and TensorBoard when asked and available)."""
+
+    def __init__(self, out: str | Path, tensorboard: bool = False, log: Any = print) -> None:
+        self.path = Path(out) / METRICS_FILE
+        self.tb: Any = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(str(Path(out) / "tensorboard"))
+            except ImportError as e:
+                log(f"tensorboard: disabled ({e}); metrics still go to {self.path}. "
+                    "Install the `tensorboard` package to enable it.")
+
+    def write(self, step: int, values: Mapping[str, float | int | None]) -> None:
+        clean = {k: (None if v is None or (isinstance(v, float) and not math.isfinite(v)) else v)
+                 for k, v in values.items()}
+        append_metrics(self.path, step, clean)
+        if self.tb is not None:
+            for k, v in clean.items():
+                if v is not None:
+                    self.tb.add_scalar(k, v, step)
+            self.tb.flush()
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()

@@ -1,0 +1,169 @@
+"""PARLTrainer: the fp32 orchestrator policy, its optimizer and the clipped policy-gradient update.
+
+A plain class (tests use it in-process); `launch_trainer_actor` runs it as a Ray actor. After each
+update `push_weights` hot-loads the new weights into the policy engine (PolicyHost.update_weights_
+versioned) and bumps the policy version that rollouts record. Checkpoints hold the HF-format model
+(model_shards.checkpoint.save_checkpoint), the optimizer, the step, the version, torch's RNG state
+and whatever loop state the driver passes (data cursor, config).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import shutil
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from model_shards.checkpoint import load_checkpoint, save_checkpoint
+from planner.parl.config import PARLConfig
+from planner.parl.loss import policy_loss
+from planner.parl.samples import (
+    OrchestratorSample,
+    collate,
+    token_entropy,
+    token_logprobs,
+)
+
+STATE_FILE = "train_state.pt"
+CHECKPOINT_DIR = "checkpoint"
+POLICY_FILE = "policy.json"
+TOKENIZER_FILES = ("tiktoken.model", "tokenizer_config.json", "generation_config.json")
+
+
+def micro_batches(samples: Sequence[OrchestratorSample], n: int) -> list[list[OrchestratorSample]]:
+    """At most n micro-batches of similar lengths (sorted first, so little padding)."""
+    ordered = sorted(samples, key=len)
+    size = max(1, math.ceil(len(ordered) / n))
+    return [ordered[i : i + size] for i in range(0, len(ordered), size)]
+
+
+class PARLTrainer:
+    def __init__(self, cfg: PARLConfig, policy_actor: str | None = None) -> None:
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        torch.manual_seed(cfg.seed)
+        self.cfg = cfg
+        self.policy_actor = policy_actor
+        self.mcfg, self.model = load_checkpoint(cfg.policy_checkpoint, dtype=torch.float32)
+        self.model.train()
+        # The reference (initial) policy exists only when the KL term is on.
+        self.ref = copy.deepcopy(self.model).eval().requires_grad_(False) if cfg.kl_coef > 0 else None
+        decay = [p for p in self.model.parameters() if p.requires_grad and p.dim() >= 2]
+        no_decay = [p for p in self.model.parameters() if p.requires_grad and p.dim() < 2]
+        self.opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                                      {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=cfg.betas)
+        self.step = 0
+        self.version = 0
+        self._policy: Any = None
+
+    # ---- the update ------------------------------------------------------------------------------
+    def train_step(self, samples: Sequence[OrchestratorSample]) -> dict[str, float | None]:
+        """One optimizer step on orchestrator samples carrying advantages; returns loss statistics.
+        Samples with a zero advantage add no policy gradient, so without KL they are skipped."""
+        cfg = self.cfg
+        used = [s for s in samples if s.completion_ids and (s.advantage != 0.0 or cfg.kl_coef > 0)]
+        out: dict[str, float | None] = {"samples": float(len(samples)), "trained_samples": float(len(used)),
+                                        "loss": None, "pg_loss": None, "clip_fraction": None, "kl": None,
+                                        "entropy": None, "ratio_mean": None, "grad_norm": None,
+                                        "logprob_mismatch": None, "trained_tokens": 0.0}
+        if not used:
+            self.step += 1
+            return out
+        total_tokens = float(sum(len(s.completion_ids) for s in used))
+        self.opt.zero_grad(set_to_none=True)
+        acc = {"loss": 0.0, "pg_loss": 0.0, "clip_fraction": 0.0, "kl": 0.0, "entropy": 0.0, "ratio_mean": 0.0,
+               "logprob_mismatch": 0.0}
+        for mb in micro_batches(used, cfg.grad_accum):
+            batch = collate(mb)
+            logits = self.model.forward_logits(batch.ids)
+            new_lp = token_logprobs(logits, batch.ids, cfg.temperature)
+            ref_lp = None
+            if self.ref is not None:
+                with torch.no_grad():
+                    ref_lp = token_logprobs(self.ref.forward_logits(batch.ids), batch.ids, cfg.temperature)
+            loss, st = policy_loss(new_lp, batch.old_logprobs, batch.advantages, batch.mask, clip_eps=cfg.clip_eps,
+                                   ref_logprobs=ref_lp, kl_coef=cfg.kl_coef, normalizer=total_tokens)
+            loss.backward()
+            w = st.tokens / total_tokens  # token-weighted means over the whole batch
+            acc["loss"] += float(loss.detach())
+            for k in ("pg_loss", "clip_fraction", "kl", "ratio_mean"):
+                acc[k] += getattr(st, k) * w
+            with torch.no_grad():
+                m = batch.mask
+                acc["entropy"] += float((token_entropy(logits, cfg.temperature) * m).sum()) / total_tokens
+                # Engine vs trainer logprobs of the same tokens: ~0 when both hold the same weights.
+                acc["logprob_mismatch"] += float(((new_lp - batch.old_logprobs).abs() * m).sum()) / total_tokens
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip))
+        self.opt.step()
+        self.step += 1
+        out.update(acc)
+        out.update(grad_norm=grad_norm, trained_tokens=total_tokens)
+        return out
+
+    # ---- weights to the policy engine ------------------------------------------------------------
+    def weights(self) -> dict[str, torch.Tensor]:
+        return self.model.hf_state_dict()
+
+    def push_weights(self, bump: bool = True) -> float:
+        """Hot-load the current weights into the policy engine as version+1 (bump=False: as the current
+        version, e.g. after a resume); returns the seconds it took."""
+        if self.policy_actor is None:
+            raise RuntimeError("push_weights needs the policy engine's actor name (policy_actor)")
+        import ray
+
+        if self._policy is None:
+            self._policy = ray.get_actor(self.policy_actor)
+        t0 = time.perf_counter()
+        self.version += int(bump)
+        ray.get(self._policy.update_weights_versioned.remote(self.weights(), self.version))
+        return time.perf_counter() - t0
+
+    def get_version(self) -> int:
+        return self.version
+
+    # ---- checkpoints -----------------------------------------------------------------------------
+    def save(self, out: str, extra: dict[str, Any]) -> str:
+        """HF checkpoint under out/checkpoint (servable as is) and out/train_state.pt for --resume."""
+        root = Path(out)
+        ckpt = root / CHECKPOINT_DIR
+        save_checkpoint(self.model, self.mcfg, ckpt)
+        src_policy = Path(self.cfg.policy_checkpoint) / POLICY_FILE
+        info: dict[str, Any] = json.loads(src_policy.read_text()) if src_policy.is_file() else {}
+        info.update({"parl_step": self.step, "parl_version": self.version, "initial_policy": self.cfg.policy_checkpoint})
+        if self.cfg.tokenizer:
+            info["tokenizer"] = self.cfg.tokenizer
+        (ckpt / POLICY_FILE).write_text(json.dumps(info, indent=2))
+        for name in TOKENIZER_FILES:  # so the checkpoint serves with the policy's own tokenizer
+            src = Path(self.cfg.policy_checkpoint) / name
+            if src.is_file():
+                shutil.copy(src, ckpt / name)
+        tmp = root / (STATE_FILE + ".tmp")
+        torch.save({"model": self.model.state_dict(), "optimizer": self.opt.state_dict(), "step": self.step,
+                    "version": self.version, "rng": torch.get_rng_state(), "extra": extra}, tmp)
+        tmp.replace(root / STATE_FILE)  # a crash mid-save never leaves a half-written state
+        return str(root / STATE_FILE)
+
+    def load(self, out: str) -> dict[str, Any]:
+        """Restore from out/train_state.pt; returns the driver's `extra`."""
+        path = Path(out) / STATE_FILE
+        if not path.is_file():
+            raise FileNotFoundError(f"--resume: no {STATE_FILE} in {out}")
+        state = torch.load(path, weights_only=False)
+        self.model.load_state_dict(state["model"])
+        self.opt.load_state_dict(state["optimizer"])
+        self.step = int(state["step"])
+        self.version = int(state["version"])
+        torch.set_rng_state(state["rng"])
+        return dict(state["extra"])
+
+
+def launch_trainer_actor(cfg: PARLConfig, policy_actor: str) -> Any:
+    import ray
+
+    return ray.remote(PARLTrainer).options(num_cpus=cfg.trainer_num_cpus).remote(cfg, policy_actor)
