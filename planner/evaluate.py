@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Sequence
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -29,31 +30,10 @@ Policy = Literal["swarm", "single"]
 Orchestrator = Literal["agent", "plan"]
 POLICIES: dict[str, tuple[Policy, ...]] = {"swarm": ("swarm",), "single": ("single",), "both": ("swarm", "single")}
 
-NO_MODEL_HELP = """\
-No model endpoint is configured, so there is no model to run the agents.
-
-Set an OpenAI-compatible endpoint and run the command again, for example:
-
-  # Kimi K2.5 on the Moonshot platform
-  export SWARM_LLM_BASE_URL=https://api.moonshot.ai/v1
-  export SWARM_LLM_API_KEY=sk-...
-  export SWARM_LLM_MODEL=kimi-k2.5
-
-  # or any local OpenAI-compatible server (vLLM, SGLang, this project's `swarm model serve`)
-  export SWARM_LLM_BASE_URL=http://127.0.0.1:8000/v1
-  export SWARM_LLM_MODEL=<the served model name>
-
-The same fields can live in a YAML file given by --config or $SWARM_CONFIG (key `llm`).
-"""
-
 SINGLE_AGENT_PROMPT = (
     "You are a careful research agent. Use the search tool as often as you need to find every "
     "requested fact; do not guess. Answer with a markdown table with exactly the requested columns."
 )
-
-
-def model_configured(settings: Settings) -> bool:
-    return not (settings.llm.backend == "openai" and not (settings.llm.base_url and settings.llm.model))
 
 
 def swarm_spec(task: Task, settings: Settings, corpus: str, tools: list[str], *,
@@ -74,8 +54,10 @@ def swarm_spec(task: Task, settings: Settings, corpus: str, tools: list[str], *,
 
 
 def single_agent_spec(task: Task, settings: Settings, corpus: str, tools: list[str], *,
-                      label: str = "single agent") -> JobSpec:
-    agent = SubAgentSpec(id="single-agent", system_prompt=SINGLE_AGENT_PROMPT, task=task.prompt, tools=tools)
+                      label: str = "single agent", system_prompt: str = SINGLE_AGENT_PROMPT) -> JobSpec:
+    """The task as a one-node plan. `system_prompt`: the built-in policy's single agent gets the
+    sub-agent prompt it was trained on (planner.builtin.select_model says which)."""
+    agent = SubAgentSpec(id="single-agent", system_prompt=system_prompt, task=task.prompt, tools=tools)
     return JobSpec(
         name=f"{label} {task.id}",
         plan=SwarmPlan(subagents=[agent]),
@@ -165,23 +147,37 @@ def run_eval(
     policy: str = "both",
     n: int | None = None,
     max_rows: int | None = None,
-    orchestrator: str = "agent",
+    orchestrator: str | None = None,
     out: str | Path | None = None,
     console: Console | None = None,
+    checkpoint: str | Path | None = None,
+    tp: int = 2,
+    engine_options: dict[str, Any] | None = None,
 ) -> int:
-    """Run the evaluation; returns the exit code (0 every job succeeded, 1 some failed, 2 not configured).
-    Raises ValueError for bad arguments (unknown env, policy or orchestrator; no task selected)."""
+    """Run the evaluation; returns the exit code (0 every job succeeded, 1 some failed, 2 no model).
+    The model is chosen as for `swarm demo` (planner.builtin.select_model): `checkpoint` if given, else
+    the configured endpoint, else the built-in policy, served with `tp` shards; `orchestrator` None
+    means the model's default. Raises ValueError for bad arguments (unknown env, policy or
+    orchestrator; no task selected)."""
+    from planner.builtin import NoModelError, running_model, select_model
+
     console = console or Console()
     if policy not in POLICIES:
         raise ValueError(f"--policy must be one of {', '.join(POLICIES)}, got {policy!r}")
-    if orchestrator not in ("agent", "plan"):
+    if orchestrator is not None and orchestrator not in ("agent", "plan"):
         raise ValueError(f"--orchestrator must be 'agent' or 'plan', got {orchestrator!r}")
+    if tp < 1:
+        raise ValueError(f"--tp must be >= 1, got {tp}")
     env = get_env(env_name)
     tasks = select_tasks(env.eval_set(), n, max_rows)
     settings = settings or load_settings()
-    if not model_configured(settings):
-        console.print(NO_MODEL_HELP, highlight=False)
+    try:
+        selection = select_model(settings, checkpoint, orchestrator)
+    except NoModelError as e:
+        console.print(str(e), highlight=False)
         return 2
+    orchestrator = selection.orchestrator
+    single_prompt = {"system_prompt": selection.single_agent_prompt} if selection.single_agent_prompt else {}
     out_path = Path(out) if out else Path(f"eval-{env_name}-{time.strftime('%Y%m%d-%H%M%S')}.jsonl")
     out_path.parent.mkdir(parents=True, exist_ok=True)
     with console.status("building the search corpus (first run only) ..."):
@@ -189,14 +185,22 @@ def run_eval(
 
     from swarm.runtime import SwarmRuntime
 
-    runtime = SwarmRuntime(address=address or settings.ray_address, num_workers=settings.num_workers)
     results: list[EvalResult] = []
-    try:
+    console.print(f"model: {selection.describe(tp if selection.builtin else None)}", highlight=False)
+    # Stopped in reverse order on the way out: the engine this run started (if any), then Ray.
+    with ExitStack() as stack:
+        runtime = SwarmRuntime(address=address or settings.ray_address, num_workers=settings.num_workers)
+        stack.callback(runtime.shutdown)
+        with console.status("starting the model ..."):
+            llm = stack.enter_context(running_model(selection, tp=tp, placement=settings.placement,
+                                                    **(engine_options or {})))
+        settings = settings.model_copy(update={"llm": llm})
         with out_path.open("wb") as f:
             for task in tasks:
                 for pol in POLICIES[policy]:
-                    spec = (swarm_spec(task, settings, corpus, env.tools, orchestrator=orchestrator, label="eval swarm")  # type: ignore[arg-type]
-                            if pol == "swarm" else single_agent_spec(task, settings, corpus, env.tools, label="eval single"))
+                    spec = (swarm_spec(task, settings, corpus, env.tools, orchestrator=orchestrator, label="eval swarm")
+                            if pol == "swarm" else single_agent_spec(task, settings, corpus, env.tools, label="eval single",
+                                                                     **single_prompt))
                     t0 = time.perf_counter()
                     with console.status(f"{task.id}: {pol} ..."):
                         status = asyncio.run(runtime.run_job(spec))
@@ -207,8 +211,6 @@ def run_eval(
                     line = (f"{task.id} {pol}: {r.state} item-F1 {r.item_f1:.3f} row-F1 {r.row_f1:.3f} "
                             f"critical steps {r.critical_steps} wall {r.wall_s:.1f} s")
                     console.print(line + (f" error: {r.error}" if r.error else ""), highlight=False)
-    finally:
-        runtime.shutdown()
     title = f"{env_name}: {len(tasks)} task(s), swarm orchestrator {orchestrator!r}"
     console.print(results_table(title, results))
     console.print(f"results: {out_path}", highlight=False)

@@ -336,6 +336,9 @@ def run_spec(spec: JobSpec, runtime: SwarmRuntime, out: Console | None = None) -
     return EXIT_OK if final.state == JobState.succeeded else EXIT_FAILED
 
 
+_CHECKPOINT_HELP = "policy checkpoint to serve on this project's engine (default: the SWARM_LLM_* endpoint if set, else planner/builtin_policy)"
+
+
 @app.command()
 def demo(
     ctx: typer.Context,
@@ -343,8 +346,14 @@ def demo(
     task_index: Optional[int] = typer.Option(None, "--task-index", help="which held-out WideGeo task (default: a small one)"),
     max_rows: int = typer.Option(12, "--max-rows", min=1, help="pick the largest held-out task with at most this many rows"),
     single_agent: bool = typer.Option(True, "--single-agent/--no-single-agent", help="also run it as one agent"),
+    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help=_CHECKPOINT_HELP),
+    tp: int = typer.Option(2, "--tp", min=1, help="tensor-parallel shards of the engine (built-in policy / --checkpoint)"),
+    orchestrator: Optional[str] = typer.Option(
+        None, "--orchestrator", help="the swarm's orchestrator: plan or agent (default: plan for the built-in policy, agent for an endpoint)"),
+    keep_serving: bool = typer.Option(False, "--keep-serving", help="leave the API and dashboard up after the run, until Ctrl-C"),
 ) -> None:
-    """The main job: a held-out WideGeo task as a swarm and as a single agent, with item-F1 and critical steps."""
+    """The main job: a held-out WideGeo task as a swarm and as a single agent, with item-F1 and critical
+    steps, through the job service and its dashboard."""
     from planner.demo import run_demo
 
     _state(ctx).export_config()
@@ -356,6 +365,10 @@ def demo(
             max_rows=max_rows,
             single_agent=single_agent,
             console=console,
+            checkpoint=checkpoint,
+            tp=tp,
+            orchestrator=orchestrator,
+            keep_serving=keep_serving,
         )
     except ValueError as e:
         fail(str(e), EXIT_USAGE)
@@ -369,18 +382,23 @@ def eval_cmd(
     policy: str = typer.Option("both", "--policy", help="swarm, single or both"),
     n: Optional[int] = typer.Option(None, "--n", min=1, help="the first N tasks (after --max-rows)"),
     max_rows: Optional[int] = typer.Option(None, "--max-rows", min=1, help="only tasks with at most R gold rows"),
-    orchestrator: str = typer.Option("agent", "--orchestrator", help="the swarm's orchestrator: agent or plan"),
+    orchestrator: Optional[str] = typer.Option(
+        None, "--orchestrator", help="the swarm's orchestrator: agent or plan (default: plan for the built-in policy, agent for an endpoint)"),
     out: Optional[Path] = typer.Option(None, "--out", help="JSONL of the results (default: eval-ENV-<time>.jsonl)"),
     address: Optional[str] = typer.Option(None, "--address", help="Ray cluster (default: settings, else embedded)"),
+    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help=_CHECKPOINT_HELP),
+    tp: int = typer.Option(2, "--tp", min=1, help="tensor-parallel shards of the engine (built-in policy / --checkpoint)"),
 ) -> None:
     """Evaluate on ENV's fixed eval set: item-F1, row-F1, critical steps, wall time, sub-agents and tool
-    calls per task for the swarm and a single agent, with their means; writes a JSONL."""
+    calls per task for the swarm and a single agent, with their means; writes a JSONL. The model is
+    chosen as for `swarm demo`."""
     from planner.evaluate import run_eval
 
     _state(ctx).export_config()
     try:
         code = run_eval(env, settings=_state(ctx).settings(), address=address, policy=policy, n=n,
-                        max_rows=max_rows, orchestrator=orchestrator, out=out, console=console)
+                        max_rows=max_rows, orchestrator=orchestrator, out=out, console=console,
+                        checkpoint=checkpoint, tp=tp)
     except ValueError as e:
         fail(str(e), EXIT_USAGE)
     raise typer.Exit(code)
@@ -397,6 +415,29 @@ def corpus(
     with console.status("writing the GeoNames corpus ..."):
         path = build_corpus(out, force=force)
     console.print(str(path), highlight=False)
+
+
+@app.command()
+def train(
+    config: Path = typer.Argument(..., metavar="CONFIG", help="PARL config YAML (see examples/parl_*.yaml)"),
+    resume: bool = typer.Option(False, "--resume", help="continue the run in the config's `out` directory"),
+    address: Optional[str] = typer.Option(None, "--address", help="Ray cluster (default: a local one)"),
+) -> None:
+    """Train the plan-mode orchestrator with PARL (docs/PARL.md): parallel swarm rollouts on Ray,
+    group-relative advantages, clipped policy gradient, hot weight updates; metrics to OUT/metrics.jsonl."""
+    from planner.parl import PARLConfigError, load_config
+    from planner.parl.loop import run_training
+
+    try:
+        cfg = load_config(config)
+        cfg.check_paths()
+    except PARLConfigError as e:
+        fail(str(e), EXIT_USAGE)
+    try:
+        res = run_training(cfg, resume=resume, address=address, log=lambda m: console.print(m, highlight=False))
+    except (FileNotFoundError, ValueError) as e:
+        fail(str(e), EXIT_USAGE)
+    console.print(f"trained {res.steps} step(s); checkpoint and metrics in {res.out}", highlight=False)
 
 
 # ---- command groups -------------------------------------------------------------------------

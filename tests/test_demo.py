@@ -22,13 +22,17 @@ def _markdown(task) -> str:
     return "\n".join(lines)
 
 
-def test_demo_without_endpoint_says_what_to_set(tmp_path):
+def test_demo_without_endpoint_or_policy_says_what_to_set(tmp_path, monkeypatch):
+    import planner.builtin
+
+    # No endpoint and no built-in policy (tests/test_demo_builtin.py runs the built-in path).
+    monkeypatch.setattr(planner.builtin, "BUILTIN_POLICY_DIR", tmp_path / "builtin_policy")
     out = io.StringIO()
     settings = Settings(db_path=str(tmp_path / "db.sqlite"), llm=LLMConfig(base_url=None, model=None))
     code = run_demo(settings=settings, console=Console(file=out, width=120))
     assert code == 2
     text = out.getvalue()
-    assert "SWARM_LLM_BASE_URL" in text and "SWARM_LLM_MODEL" in text
+    assert "SWARM_LLM_BASE_URL" in text and "SWARM_LLM_MODEL" in text and "python -m planner.sft" in text
 
 
 def test_demo_runs_swarm_and_single_agent_and_scores_them(ray_local, tmp_path):
@@ -43,6 +47,7 @@ def test_demo_runs_swarm_and_single_agent_and_scores_them(ray_local, tmp_path):
         )
         settings = Settings(
             db_path=str(tmp_path / "db.sqlite"),
+            port=0,
             llm=LLMConfig(base_url=server.url, model="test-model", api_key="k", max_retries=0),
         )
         out = io.StringIO()

@@ -78,6 +78,9 @@ def test_eval_bad_arguments_and_missing_endpoint(monkeypatch, tmp_path) -> None:
     monkeypatch.delenv("SWARM_CONFIG", raising=False)
     for var in ("SWARM_LLM_BASE_URL", "SWARM_LLM_MODEL", "OPENAI_BASE_URL"):
         monkeypatch.delenv(var, raising=False)
+    import planner.builtin  # no endpoint and no built-in policy either: nothing to run on
+
+    monkeypatch.setattr(planner.builtin, "BUILTIN_POLICY_DIR", tmp_path / "builtin_policy")
     r = runner.invoke(app, ["eval", "widegeo", "--policy", "crowd"])
     assert r.exit_code == 2 and "--policy must be one of swarm, single, both" in r.output
     r = runner.invoke(app, ["eval", "nowhere"])
@@ -85,5 +88,5 @@ def test_eval_bad_arguments_and_missing_endpoint(monkeypatch, tmp_path) -> None:
     r = runner.invoke(app, ["eval", "widegeo", "--max-rows", "1"])
     assert r.exit_code == 2 and "no task of the eval set has at most 1 rows" in r.output
     r = runner.invoke(app, ["eval", "deepgeo", "--n", "1", "--out", str(tmp_path / "x.jsonl")])
-    assert r.exit_code == 2 and "SWARM_LLM_BASE_URL" in r.output
+    assert r.exit_code == 2 and "SWARM_LLM_BASE_URL" in r.output and "python -m planner.sft" in r.output
     assert not (tmp_path / "x.jsonl").exists()
