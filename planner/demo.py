@@ -235,7 +235,7 @@ def run_demo(
                 console.print(f"job {job_id}: {service.dashboard_url}#/jobs/{job_id}", highlight=False)
 
             specs.append(("swarm", swarm_spec(task, job_settings, corpus, env.tools, label="demo swarm",
-                                              orchestrator=selection.orchestrator)))
+                                              orchestrator=selection.orchestrator, merge_tables=not selection.builtin)))
             if single_agent:
                 prompt = {"system_prompt": selection.single_agent_prompt} if selection.single_agent_prompt else {}
                 specs.append(("single agent", single_agent_spec(task, job_settings, corpus, env.tools,

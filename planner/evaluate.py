@@ -37,10 +37,12 @@ SINGLE_AGENT_PROMPT = (
 
 
 def swarm_spec(task: Task, settings: Settings, corpus: str, tools: list[str], *,
-               orchestrator: Orchestrator = "agent", label: str = "swarm") -> JobSpec:
-    """The task for the swarm. With the plan-writing orchestrator a table task is always merged into
-    one table by the aggregation call (aggregate_table_prompt); other tasks aggregate as the plan says."""
-    table = len(task.columns) > 1
+               orchestrator: Orchestrator = "agent", label: str = "swarm", merge_tables: bool = True) -> JobSpec:
+    """The task for the swarm. With the plan-writing orchestrator and `merge_tables`, a table task is
+    always merged into one table by the aggregation call (aggregate_table_prompt: a general model's
+    concatenated tables may disagree on headers); otherwise the answer is aggregated as the plan says
+    (the built-in policy was trained to choose "concat" or "llm" itself)."""
+    table = len(task.columns) > 1 and merge_tables
     return JobSpec(
         name=f"{label} {task.id}",
         task=task.prompt,
@@ -198,7 +200,8 @@ def run_eval(
         with out_path.open("wb") as f:
             for task in tasks:
                 for pol in POLICIES[policy]:
-                    spec = (swarm_spec(task, settings, corpus, env.tools, orchestrator=orchestrator, label="eval swarm")
+                    spec = (swarm_spec(task, settings, corpus, env.tools, orchestrator=orchestrator, label="eval swarm",
+                                       merge_tables=not selection.builtin)
                             if pol == "swarm" else single_agent_spec(task, settings, corpus, env.tools, label="eval single",
                                                                      **single_prompt))
                     t0 = time.perf_counter()

@@ -82,7 +82,8 @@ def episode_spec(task: Task, cfg: PARLConfig, corpus: str, tools: list[str], pol
 
     llm = episode_llm_config(policy_actor, episode_id, temperature=cfg.temperature,
                              max_tokens=cfg.orchestrator_max_tokens, timeout_s=cfg.episode_timeout_s)
-    spec = swarm_spec(task, Settings(llm=llm), corpus, tools, orchestrator="plan", label=f"parl {episode_id}")
+    spec = swarm_spec(task, Settings(llm=llm), corpus, tools, orchestrator="plan", label=f"parl {episode_id}",
+                      merge_tables=False)  # the policy's own aggregate choice is part of what it learns
     limits = Limits(max_subagents=cfg.max_subagents, subagent_max_steps=cfg.subagent_max_steps,
                     job_timeout_s=cfg.episode_timeout_s, max_retries=0, orchestrator_max_steps=4)
     return spec.model_copy(update={"limits": limits, "metadata": {**spec.metadata, "parl_episode": episode_id}})
