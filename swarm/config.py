@@ -80,7 +80,8 @@ class Settings(BaseModel):
     max_running_jobs: int | None = Field(None, ge=1, description="jobs running at once; the rest stay queued")
 
 
-def _read_yaml(path: str) -> dict[str, Any]:
+def read_yaml_mapping(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The mapping a YAML config file holds ({} for an empty file); ConfigError names what is wrong."""
     p = Path(path).expanduser()
     if not p.is_file():
         raise ConfigError(f"config file {str(p)!r} does not exist")
@@ -118,7 +119,7 @@ def _env_overlay(data: dict[str, Any]) -> dict[tuple[str, ...], str]:
 def load_settings(path: str | None = None) -> Settings:
     """Settings from defaults, the YAML file at `path` (else $SWARM_CONFIG, if set) and env vars."""
     path = path or _env(CONFIG_ENV)
-    data = _read_yaml(path) if path else {}
+    data = read_yaml_mapping(path) if path else {}
     origin = _env_overlay(data)
     try:
         settings = Settings.model_validate(data)

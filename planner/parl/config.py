@@ -10,8 +10,9 @@ import os
 from pathlib import Path
 from typing import Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from swarm.config import ConfigError, read_yaml_mapping
 
 
 class PARLConfigError(ValueError):
@@ -101,14 +102,10 @@ def _format_errors(e: ValidationError) -> str:
 def load_config(path: str | os.PathLike[str], **overrides: object) -> PARLConfig:
     """Read a YAML config; `overrides` replace top-level keys (e.g. out=...). Raises PARLConfigError."""
     p = Path(path)
-    if not p.is_file():
-        raise PARLConfigError(f"config file {str(p)!r} does not exist")
     try:
-        raw = yaml.safe_load(p.read_text())
-    except yaml.YAMLError as e:
-        raise PARLConfigError(f"config file {str(p)!r} is not valid YAML: {e}") from None
-    if not isinstance(raw, dict):
-        raise PARLConfigError(f"config file {str(p)!r} must hold a mapping of fields, got {type(raw).__name__}")
+        raw = read_yaml_mapping(p)
+    except ConfigError as e:
+        raise PARLConfigError(str(e)) from None
     raw.update(overrides)
     try:
         return PARLConfig.model_validate(raw)
