@@ -300,6 +300,9 @@ def train(cfg: SFTConfig, resume: bool = False, data: SFTData | None = None) -> 
         opt.load_state_dict(state["optimizer"])
         step = state["step"]
         torch.set_rng_state(state["rng"])
+        if log_path.exists():  # steps logged after the last save were not kept: they run again
+            lines = log_path.read_text().splitlines()
+            log_path.write_text("".join(line + "\n" for line in lines if json.loads(line).get("step", 0) <= step))
     elif log_path.exists():
         log_path.unlink()
     pad_id = tok.pad_id if tok.pad_id is not None else 0

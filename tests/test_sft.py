@@ -77,8 +77,13 @@ def test_loss_falls_and_checkpoint_round_trips(tmp_path, data):
 def test_resume_matches_an_uninterrupted_run(tmp_path, data):
     whole = train(_cfg(tmp_path / "whole", 4), data=data)
     train(_cfg(tmp_path / "split", 2), data=data)
+    # A run killed after the last save has logged steps that resuming runs again: they are dropped.
+    with (tmp_path / "split" / LOG_FILE).open("a") as f:
+        f.write(json.dumps({"step": 3, "loss": 123.0}) + "\n")
     resumed = train(_cfg(tmp_path / "split", 4), resume=True, data=data)
     assert resumed.steps == 4 and resumed.last_loss == whole.last_loss
+    steps = [json.loads(line).get("step") for line in (tmp_path / "split" / LOG_FILE).read_text().splitlines()]
+    assert steps == [None, 1, 2, 3, 4]
     a = torch.load(tmp_path / "whole" / STATE_FILE, weights_only=False)["model"]
     b = torch.load(tmp_path / "split" / STATE_FILE, weights_only=False)["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
