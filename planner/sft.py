@@ -17,6 +17,7 @@ import dataclasses
 import json
 import math
 import random
+import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -31,7 +32,7 @@ from model_shards.checkpoint import load_checkpoint, save_checkpoint
 from model_shards.config import ModelConfig
 from model_shards.model import KimiK2ForCausalLM
 from model_shards.tokenizer import load_tokenizer
-from model_shards.bpe import train_bpe, write_tokenizer_dir
+from model_shards.bpe import TOKENIZER_FILES, train_bpe, write_tokenizer_dir
 from model_shards.chat_template import render_segments
 from planner.traces import KINDS, Conversation, EncodedExample, encode_conversation, length_stats, synthesize
 
@@ -65,6 +66,12 @@ class SFTConfig(BaseModel):
     # Weight of next-token loss on text the model reads (prompts, tool results); 0 = assistant tokens only.
     # A little of it teaches the document structure, which the copy-from-results skill rests on.
     context_loss_weight: float = Field(0.0, ge=0, le=1)
+    # Extra copies of every training conversation with its entities renamed (planner.augment): a
+    # memorised fact cannot predict them, so they teach copying from the search results.
+    fake_entity_copies: int = Field(0, ge=0, le=8)
+    # Start from this checkpoint's weights (fresh optimizer) instead of a random init; its tokenizer
+    # directory is then the run's tokenizer.
+    init_from: str | None = None
     # The shipped checkpoint's dtype: bfloat16 halves it (the small preset is ~73 MB in float32).
     save_dtype: Literal["float32", "bfloat16"] = "float32"
     threads: int | None = Field(None, ge=1)
@@ -84,6 +91,8 @@ BPE_MIN_FREQUENCY = 20  # every BPE token occurs this often in the training trac
 def resolve_tokenizer(cfg: SFTConfig, train_convs: list[Conversation], out: Path) -> tuple[Any, dict[str, Any]]:
     """The run's tokenizer; for "bpe:MERGES" it is trained on the training conversations only (never
     on held-out text, so no token exists whose embedding the model never saw) and written to `out`."""
+    if cfg.init_from:
+        return load_tokenizer(cfg.init_from), {"spec": cfg.init_from, "from": "init_from checkpoint"}
     if not cfg.tokenizer.startswith("bpe:"):
         return load_tokenizer(cfg.tokenizer), {"spec": cfg.tokenizer}
     try:
@@ -114,6 +123,15 @@ def build_data(cfg: SFTConfig, max_len: int, out_dir: Path | None = None) -> tup
     synthesized = {name: synthesize(env, tasks) for name, tasks in (("train", train_tasks), ("eval", eval_tasks))}
     train_convs = [c for tr in synthesized["train"][0] for c in tr.conversations if c.kind in cfg.kinds]
     tok, tok_report = resolve_tokenizer(cfg, train_convs, out_dir or Path(cfg.out))
+    if cfg.fake_entity_copies:
+        from planner.augment import fake_entity_copy, task_entities
+
+        traces = synthesized["train"][0]
+        for tr in traces:
+            entities = task_entities(tr)
+            tr.conversations += [fake_entity_copy(c, entities, f"{cfg.seed}/{c.task_id}/{i}/{k}")
+                                 for i, c in enumerate(list(tr.conversations)) if c.kind in cfg.kinds
+                                 for k in range(cfg.fake_entity_copies)]
     out: dict[str, list[EncodedExample]] = {}
     report: dict[str, Any] = {"tokenizer": tok_report}
     for name in ("train", "eval"):
@@ -237,7 +255,7 @@ def save_policy(model: KimiK2ForCausalLM, mcfg: ModelConfig, cfg: SFTConfig, out
         save_checkpoint(state, dataclasses.replace(mcfg, torch_dtype=cfg.save_dtype), out)
     (out / POLICY_FILE).write_text(json.dumps({
         # A trained BPE vocabulary lives next to the weights (tiktoken.model), as in Kimi's checkpoints.
-        "tokenizer": "." if cfg.tokenizer.startswith("bpe:") else cfg.tokenizer,
+        "tokenizer": "." if cfg.tokenizer.startswith("bpe:") or cfg.init_from else cfg.tokenizer,
         "chat_format": "kimi-k2 (model_shards.chat_template)",
         "step": step,
         "eval_loss": eval_loss,
@@ -278,13 +296,22 @@ def train(cfg: SFTConfig, resume: bool = False, data: SFTData | None = None) -> 
         data, tok = build_data(cfg, max_len, out)
     else:
         tok = load_tokenizer(out if cfg.tokenizer.startswith("bpe:") else cfg.tokenizer)
-    if cfg.tokenizer.startswith("bpe:"):
+    if cfg.init_from:
+        tok = load_tokenizer(cfg.init_from)
+        mcfg, _ = load_checkpoint(cfg.init_from, dtype=torch.float32)
+        if Path(cfg.init_from).resolve() != out.resolve():
+            for name in TOKENIZER_FILES:  # the run ships the vocabulary it was trained with
+                shutil.copy(Path(cfg.init_from) / name, out / name)
+    elif cfg.tokenizer.startswith("bpe:"):
         # The embedding follows the trained vocabulary (rounded up to a multiple of 64 for the GEMMs).
         mcfg = dataclasses.replace(mcfg, vocab_size=-(-tok.vocab_size // 64) * 64)
     if tok.vocab_size > mcfg.vocab_size:
         raise ValueError(f"tokenizer {cfg.tokenizer!r} has {tok.vocab_size} ids, more than the model's vocab_size {mcfg.vocab_size}")
     torch.manual_seed(cfg.seed)
-    model = KimiK2ForCausalLM(mcfg, dtype=torch.float32)
+    if cfg.init_from:
+        mcfg, model = load_checkpoint(cfg.init_from, dtype=torch.float32)
+    else:
+        model = KimiK2ForCausalLM(mcfg, dtype=torch.float32)
     model.train()
     opt = _optimizer(model, cfg)
     step = 0
@@ -368,6 +395,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[SFTConfig, bool]:
     p.add_argument("--save-every", type=int, default=500)
     p.add_argument("--tokenizer", default="byte:512", help='"byte:VOCAB", a tokenizer dir, or "bpe:MERGES" (trained on the traces)')
     p.add_argument("--context-loss-weight", type=float, default=0.0)
+    p.add_argument("--fake-entity-copies", type=int, default=0, help="renamed-entity copies per conversation")
+    p.add_argument("--init-from", default=None, help="start from this checkpoint dir (weights and tokenizer)")
     p.add_argument("--save-dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--resume", action="store_true", help="continue from OUT/train_state.pt")

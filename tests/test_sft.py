@@ -20,6 +20,7 @@ from planner.sft import (
     STATE_FILE,
     SFTConfig,
     SFTData,
+    build_data,
     collate,
     lr_at,
     make_batches,
@@ -169,6 +170,20 @@ def test_bpe_run_trains_its_vocabulary_on_train_traces_and_ships_it(tmp_path):
     assert len(tok.encode(PLAN_MODE_PROMPT)) < 0.9 * len(PLAN_MODE_PROMPT.encode())
     with pytest.raises(ValueError, match="bpe:MERGES"):
         train(cfg.model_copy(update={"tokenizer": "bpe:many", "out": str(tmp_path / "bad")}))
+
+    # A second run starts from this checkpoint (weights and vocabulary) and adds fake-entity copies.
+    ft = tmp_path / "ft"
+    ft_cfg = cfg.model_copy(update={"out": str(ft), "init_from": str(out), "fake_entity_copies": 1,
+                                    "tokenizer": "byte:512", "lr": 1e-9, "steps": 1})
+    data_ft, _ = build_data(ft_cfg, 1024, tmp_path / "unused")
+    assert sum(e.task_id.endswith("#fake") for e in data_ft.train) == sum(not e.task_id.endswith("#fake") for e in data_ft.train)
+    train(ft_cfg, data=data_ft)
+    assert load_tokenizer(ft).vocab_size == tok.vocab_size and json.loads((ft / POLICY_FILE).read_text())["tokenizer"] == "."
+    _, before = load_checkpoint(out)
+    _, after = load_checkpoint(ft)
+    ids = torch.tensor([data_ft.train[0].ids[:64]])
+    with torch.no_grad():  # lr ~ 0: the fine-tune starts exactly at the initial checkpoint's weights
+        assert torch.allclose(before.forward_logits(ids), after.forward_logits(ids), atol=1e-3)
 
 
 def test_context_loss_weight_adds_the_read_tokens(data):

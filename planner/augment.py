@@ -1,0 +1,121 @@
+"""Fake-entity copies of synthesised conversations: the same trace with its entities renamed.
+
+A held-out task names countries and cities the policy never saw, so the policy must copy names and
+numbers from search results rather than recall them. On real train entities a small model can lower
+its loss by memorising facts instead, and the copy skill comes late. In a fake-entity copy every
+entity of the task (the key and string cells of its gold rows, and the names of any '; '-separated
+list an assistant wrote) becomes a made-up name, and every large number a random one of the same
+shape, consistently across the whole conversation (task, queries, tool results, answers). Memory
+cannot predict those tokens; copying can.
+
+Numbers keep their digit count and leading digit, so comparisons with the tasks' thresholds
+(more than 50,000 / 1,000,000 / 5,000,000 / 20,000,000) come out as in the original.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+from dataclasses import replace
+from typing import Any
+
+from planner.traces import Conversation, TaskTrace
+
+_SYLLABLES = ("ba", "ko", "ri", "ta", "mu", "se", "lo", "na", "vi", "de", "go", "pu", "ze", "ha", "ki", "ol",
+              "an", "er", "is", "un", "ma", "te", "ro", "su", "fa", "ne", "li", "do", "ka", "bu")
+# Only digit-grouped numbers (the corpus writes every count from 1,000 up so): a bare "4217" (ISO 4217)
+# or a rank is part of the task's wording, not a fact.
+_NUMBER = re.compile(r"(?<![\w.,])\d{1,3}(?:,\d{3})+(?![\w,])")
+_CODE = re.compile(r"[A-Z]{3}")  # ISO 4217 currency codes get fake codes of the same shape
+_LIST_ITEM_MIN = 3  # characters: shorter list items are not taken for names
+
+
+def fake_name(rng: random.Random, taken: set[str], like: str = "") -> str:
+    """A pronounceable made-up name of one or two words (three capitals for a code `like` "EUR"),
+    not in `taken`."""
+    while _CODE.fullmatch(like):
+        code = "".join(chr(rng.randint(65, 90)) for _ in range(3))
+        if code not in taken:
+            taken.add(code)
+            return code
+    while True:
+        words = [("".join(rng.choice(_SYLLABLES) for _ in range(rng.randint(2, 3)))).capitalize()
+                 for _ in range(1 if rng.random() < 0.8 else 2)]
+        name = " ".join(words)
+        if name not in taken:
+            taken.add(name)
+            return name
+
+
+def fake_number(text: str, rng: random.Random) -> str:
+    """Random digits in the shape of `text` (same grouping, same leading digit)."""
+    digits = [c for c in text if c.isdigit()]
+    new = digits[0] + "".join(str(rng.randint(0, 9)) for _ in digits[1:])
+    it = iter(new)
+    return "".join(next(it) if c.isdigit() else c for c in text)
+
+
+def task_entities(trace: TaskTrace) -> list[str]:
+    """Names to rename in this task's conversations: string cells of the gold rows, plus items of the
+    '; '-separated lists the assistant wrote (listers name more countries than the gold keeps)."""
+    names: set[str] = set()
+    for row in trace.task.gold:
+        for value in row.values():
+            if isinstance(value, str) and len(value) >= _LIST_ITEM_MIN and not value.isdigit():
+                names.add(value)
+    for conv in trace.conversations:
+        for m in conv.messages:
+            content = m.get("content")
+            if (m.get("role") == "assistant" and isinstance(content, str) and "; " in content
+                    and not any(c in content for c in "|{")):  # a list, not a table or a JSON plan
+                names.update(p.strip() for p in content.split(";") if len(p.strip()) >= _LIST_ITEM_MIN)
+    return sorted(names, key=len, reverse=True)  # longest first: "Guinea-Bissau" before "Guinea"
+
+
+def _rewrite(text: str, names_re: re.Pattern[str] | None, mapping: dict[str, str], rng: random.Random,
+             taken: set[str]) -> str:
+    def name(m: re.Match[str]) -> str:
+        if m.group(0) not in mapping:
+            mapping[m.group(0)] = fake_name(rng, taken, m.group(0))
+        return mapping[m.group(0)]
+
+    def number(m: re.Match[str]) -> str:
+        if m.group(0) not in mapping:
+            mapping[m.group(0)] = fake_number(m.group(0), rng)
+        return mapping[m.group(0)]
+
+    if names_re is not None:
+        text = names_re.sub(name, text)
+    return _NUMBER.sub(number, text)
+
+
+def fake_entity_copy(conv: Conversation, entities: list[str], seed: str) -> Conversation:
+    """`conv` with `entities` and large numbers renamed consistently (see module doc); system prompts
+    and tool definitions are left as they are."""
+    rng = random.Random(seed)
+    names_re = (re.compile(r"(?<!\w)(?:" + "|".join(re.escape(e) for e in entities) + r")(?!\w)")
+                if entities else None)
+    mapping: dict[str, str] = {}
+    taken: set[str] = set(entities)
+
+    def fix(text: str) -> str:
+        return _rewrite(text, names_re, mapping, rng, taken)
+
+    messages: list[dict[str, Any]] = []
+    for m in conv.messages:
+        m = dict(m)
+        if m.get("role") != "system" and isinstance(m.get("content"), str):
+            m["content"] = fix(m["content"])
+        if m.get("tool_calls"):
+            calls = []
+            for call in m["tool_calls"]:
+                fn = dict(call["function"])
+                # Arguments are JSON text: rename inside the decoded values so escaping stays valid.
+                args = json.loads(fn["arguments"])
+                fn["arguments"] = json.dumps({k: fix(v) if isinstance(v, str) else v for k, v in args.items()},
+                                             ensure_ascii=False)
+                calls.append({**call, "function": fn})
+            m["tool_calls"] = calls
+        messages.append(m)
+    return replace(conv, messages=messages, task_id=conv.task_id + "#fake")

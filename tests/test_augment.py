@@ -1,0 +1,68 @@
+"""planner.augment: fake-entity copies rename a task's entities and numbers consistently."""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+
+import pytest
+
+from planner.augment import fake_entity_copy, fake_name, fake_number, task_entities
+from planner.envs import get_env
+from planner.traces import synthesize
+
+
+@pytest.fixture(scope="module")
+def traces():
+    env = get_env("widegeo")
+    out, _ = synthesize(env, env.tasks("train", 6, seed=5))
+    return out
+
+
+def _texts(conv):
+    for m in conv.messages:
+        if isinstance(m.get("content"), str):
+            yield m["role"], m["content"]
+        for call in m.get("tool_calls") or []:
+            yield "call", call["function"]["arguments"]
+
+
+def test_numbers_keep_their_shape_and_order_of_magnitude():
+    rng = random.Random(0)
+    for text in ["5,617,758", "183,658,300", "1,000", "20,000,000"]:
+        new = fake_number(text, rng)
+        assert len(new) == len(text) and new[0] == text[0] and [i for i, c in enumerate(new) if c == ","] == \
+            [i for i, c in enumerate(text) if c == ","]
+    taken: set[str] = set()
+    codes = {fake_name(rng, taken, "EUR") for _ in range(20)}
+    assert all(re.fullmatch(r"[A-Z]{3}", c) for c in codes) and len(codes) == 20
+    assert all(re.fullmatch(r"[A-Z][a-z]+( [A-Z][a-z]+)?", fake_name(rng, taken)) for _ in range(20))
+
+
+def test_fake_copies_rename_every_entity_consistently(traces):
+    checked = 0
+    for tr in traces:
+        entities = task_entities(tr)
+        assert entities and all(len(e) >= 3 for e in entities)
+        for i, conv in enumerate(tr.conversations):
+            fake = fake_entity_copy(conv, entities, f"t/{i}")
+            assert fake_entity_copy(conv, entities, f"t/{i}") == fake  # seeded: deterministic
+            assert fake.task_id == conv.task_id + "#fake" and len(fake.messages) == len(conv.messages)
+            assert fake.messages[0] == conv.messages[0]  # the system prompt is never touched
+            texts = [t for _, t in _texts(fake)]
+            for role, t in _texts(fake):
+                if role == "call":
+                    json.loads(t)  # arguments stay valid JSON
+            joined = "\n".join(texts)
+            for e in entities:
+                assert not re.search(r"(?<!\w)" + re.escape(e) + r"(?!\w)", joined), (e, conv.kind)
+            # Whatever a final answer states was shown to the agent: each cell of an answer table
+            # appears in the user task or tool results (the copy the model has to learn).
+            answer = fake.messages[-1]["content"] if fake.messages[-1]["role"] == "assistant" else ""
+            if conv.kind == "subagent" and answer.startswith("|"):
+                seen = "\n".join(m["content"] for m in fake.messages if m["role"] in ("user", "tool"))
+                cells = [c.strip() for row in answer.splitlines()[2:] for c in row.strip("|").split("|")]
+                assert cells and all(c in seen for c in cells if c), answer
+                checked += 1
+    assert checked >= 3
