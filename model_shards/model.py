@@ -358,7 +358,10 @@ class MLAttention(nn.Module):
         # is ~10x faster than materialising the [n, n] scores.
         if dv < dk:
             v = F.pad(v, (0, dk - dv))
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)[..., :dv]
+        dtype = q.dtype
+        if dtype != torch.float32:  # softmax in fp32, as in the cached paths
+            q, k, v = q.float(), k.float(), v.float()
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)[..., :dv].to(dtype)
         return out.transpose(1, 2).reshape(b, n, h * dv)
 
     def forward_cached(self, x: torch.Tensor, plan: "_BatchPlan", cache: LatentKVCache | None, rotary: Rotary,
