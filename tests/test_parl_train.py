@@ -48,7 +48,9 @@ def test_train_two_steps_then_resume(ray_local: object, tiny_ckpt: str, tmp_path
         assert v["episodes"] == 2 and v["critical_steps"] >= 1  # every episode wrote a plan at least
         assert v["orchestrator_tokens"] > 0 and v["samples"] >= 2
         assert 0 <= v["share_gen"] <= 1 and v["share_gen"] + v["share_train"] + v["share_sync"] == pytest.approx(1)
-        if v["logprob_mismatch"] is not None:  # engine and trainer scored the same tokens alike
+        if v["logprob_mismatch"] is not None and v["version_lag"] == 0:
+            # on-policy samples: engine and trainer scored the same tokens alike (with lag 1 the
+            # samples come from the previous weights and legitimately differ)
             assert v["logprob_mismatch"] < 1e-3
     first, second = chunk.records[0].values, chunk.records[1].values
     # step 2's rollouts were generated while step 1 trained (max_version_lag 1): at most one version old

@@ -86,16 +86,12 @@ class _Call:
 
 
 def default_tokenizer(cfg: PARLConfig) -> str:
+    """The config's tokenizer, else the policy checkpoint's own (as `swarm demo` loads it)."""
     if cfg.tokenizer:
         return cfg.tokenizer
-    info = Path(cfg.policy_checkpoint) / "policy.json"
-    if info.is_file():
-        tok = json.loads(info.read_text()).get("tokenizer")
-        if tok:
-            return str(tok)
-    from model_shards.serve import default_tokenizer as from_checkpoint
+    from planner.builtin import checkpoint_tokenizer
 
-    return from_checkpoint(cfg.policy_checkpoint)
+    return checkpoint_tokenizer(cfg.policy_checkpoint)
 
 
 def run_training(cfg: PARLConfig, *, resume: bool = False, address: str | None = None,
