@@ -218,18 +218,29 @@ def lr_at(step: int, cfg: SFTConfig) -> float:
 
 
 @torch.no_grad()
-def evaluate(model: KimiK2ForCausalLM, examples: list[EncodedExample], batch_tokens: int, pad_id: int) -> float | None:
+def evaluate_detail(model: KimiK2ForCausalLM, examples: list[EncodedExample], batch_tokens: int,
+                    pad_id: int) -> tuple[float, float] | None:
+    """(mean loss, argmax accuracy) over the assistant tokens of `examples`. Accuracy shows the copy
+    skill arriving: most answer tokens are copies of what the agent was shown."""
     if not examples:
         return None
     model.eval()
-    total, count = 0.0, 0
+    total, hits, count = 0.0, 0.0, 0
     for b in make_batches(examples, batch_tokens, seed=0, epoch=0):
         ids, mask, _ = collate([examples[i] for i in b], pad_id)
-        loss, n = masked_lm_loss(model, ids, mask)
-        total += float(loss) * n
-        count += n
+        logits = model.forward_logits(ids)[:, :-1]
+        targets, weights = ids[:, 1:], mask[:, 1:]
+        losses = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none")
+        total += float((losses * weights.reshape(-1)).sum())
+        hits += float(((logits.argmax(-1) == targets).float() * weights).sum())
+        count += int(weights.sum())
     model.train()
-    return total / count
+    return total / count, hits / count
+
+
+def evaluate(model: KimiK2ForCausalLM, examples: list[EncodedExample], batch_tokens: int, pad_id: int) -> float | None:
+    res = evaluate_detail(model, examples, batch_tokens, pad_id)
+    return None if res is None else res[0]
 
 
 def _optimizer(model: KimiK2ForCausalLM, cfg: SFTConfig) -> torch.optim.AdamW:
@@ -361,9 +372,11 @@ def train(cfg: SFTConfig, resume: bool = False, data: SFTData | None = None) -> 
         rec: dict[str, Any] = {"step": step, "loss": round(last_loss, 5), "lr": lr, "grad_norm": round(gnorm, 4),
                                "batch": len(batch), "target_tokens": n, "elapsed_s": round(time.perf_counter() - t0, 2)}
         if step % cfg.eval_every == 0 or step == cfg.steps:
-            eval_loss = evaluate(model, data.eval, cfg.batch_tokens, pad_id)
-            if eval_loss is not None:
+            detail = evaluate_detail(model, data.eval, cfg.batch_tokens, pad_id)
+            if detail is not None:
+                eval_loss = detail[0]
                 rec["eval_loss"] = round(eval_loss, 5)
+                rec["eval_accuracy"] = round(detail[1], 5)
                 eval_losses.append((step, eval_loss))
         _log(log_path, rec)
         if step % cfg.save_every == 0 or step == cfg.steps:

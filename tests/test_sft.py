@@ -60,6 +60,7 @@ def test_loss_falls_and_checkpoint_round_trips(tmp_path, data):
     log = [json.loads(line) for line in (out / LOG_FILE).read_text().splitlines()]
     assert log[0]["event"] == "start" and [r["step"] for r in log[1:]] == [1, 2, 3, 4, 5, 6]
     assert "eval_loss" in log[3] and "eval_loss" in log[6]
+    assert all(0.0 <= log[i]["eval_accuracy"] <= 1.0 for i in (3, 6))
     policy = json.loads((out / POLICY_FILE).read_text())
     assert policy["tokenizer"] == "byte:512" and policy["step"] == 6
     assert policy["command"].startswith("python -m planner.sft --preset tiny")
@@ -195,3 +196,20 @@ def test_context_loss_weight_adds_the_read_tokens(data):
         weighted, n2 = masked_lm_loss(model, ids, mask, 0.1, valid)
         ctx_only, _ = masked_lm_loss(model, ids, mask, 1.0, valid)
     assert n == n2 and weighted > plain and ctx_only > weighted
+
+
+def test_eval_accuracy_counts_argmax_hits_on_assistant_tokens(data):
+    from planner.sft import evaluate_detail
+
+    torch.manual_seed(0)
+    model = KimiK2ForCausalLM(ModelConfig.preset("tiny"), dtype=torch.float32)
+    loss, acc = evaluate_detail(model, data.eval, 4 * SUFFIX, 270)
+    hits = total = 0
+    with torch.no_grad():
+        for e in data.eval:  # one example at a time: the batched figure must agree
+            ids = torch.tensor([e.ids])
+            pred = model.forward_logits(ids)[0, :-1].argmax(-1)
+            m = torch.tensor(e.mask[1:], dtype=torch.bool)
+            hits += int((pred[m] == ids[0, 1:][m]).sum())
+            total += int(m.sum())
+    assert acc == pytest.approx(hits / total) and loss > 0
