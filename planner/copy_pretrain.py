@@ -6,9 +6,10 @@
 Sequences are `[BOS] x1..xk <|im_middle|> x1..xk` with random non-special tokens of the policy's
 vocabulary, k varying per batch; the loss is on the second copy only. Why: a held-out WideGeo task
 is answered by copying names and numbers from search results, and on the real traces a small model
-learns that copy skill late (docs/policy.md: 360 SFT steps without it). On this pure copy task the
-`small` preset's loss leaves chance level after ~150 steps (measured; docs/policy.md), i.e. the
-induction mechanism forms quickly when copying is all there is to learn. The output is a checkpoint
+learns that copy skill late, if at all (docs/policy.md). Spans of varying length k mean the copy
+source is not at a fixed offset, so only content matching (an induction mechanism) solves the task.
+Status: 500 steps of the `small` preset stayed at chance (docs/policy.md, "Runs so far"); this
+module is the instrument for finding settings that do form the mechanism. The output is a checkpoint
 with the tokenizer files, ready for `planner.sft --init-from`.
 """
 
@@ -32,9 +33,9 @@ from model_shards.model import KimiK2ForCausalLM
 from model_shards.tokenizer import load_tokenizer
 
 
-def copy_batch(gen: torch.Generator, batch: int, k: int, low: int, high: int, bos: int, sep: int) -> torch.Tensor:
-    """[batch, 2k+2] ids: BOS, k random tokens in [low, high), SEP, the same k tokens."""
-    x = torch.randint(low, high, (batch, k), generator=gen)
+def copy_batch(gen: torch.Generator, batch: int, k: int, pool: torch.Tensor, bos: int, sep: int) -> torch.Tensor:
+    """[batch, 2k+2] ids: BOS, k tokens drawn at random from `pool`, SEP, the same k tokens."""
+    x = pool[torch.randint(0, len(pool), (batch, k), generator=gen)]
     col = torch.full((batch, 1), 0, dtype=torch.long)
     return torch.cat([col + bos, x, col + sep, x], 1)
 
@@ -59,7 +60,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--min-k", type=int, default=8)
     p.add_argument("--max-k", type=int, default=48)
-    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--distinct", type=int, nargs="+", default=[100, 3000], metavar=("START", "END"),
+                   help="how many distinct tokens a batch draws from: START, growing linearly to END by the last step")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None)
     a = p.parse_args(argv)
@@ -69,6 +72,9 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"need 1 <= --min-k <= --max-k, got {a.min_k}, {a.max_k}")
     tok = load_tokenizer(a.tokenizer_from)
     base = min(tok.special.values())  # ids below are the BPE ranks (real text pieces)
+    start, end = (a.distinct * 2)[:2] if len(a.distinct) == 1 else a.distinct[:2]
+    if len(a.distinct) > 2 or not 2 <= start <= end <= base - 32:
+        raise SystemExit(f"--distinct takes START [END] with 2 <= START <= END <= {base - 32}, got {a.distinct}")
     cfg = ModelConfig.preset(a.preset)
     cfg = dataclasses.replace(cfg, vocab_size=-(-tok.vocab_size // 64) * 64)
     torch.manual_seed(a.seed)
@@ -83,9 +89,13 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     log = (out / "copy_log.jsonl").open("w")
     t0 = time.perf_counter()
+    # A fixed random order of the BPE ids: a curriculum over "distinct tokens" is not one over ranks.
+    order = 32 + torch.randperm(base - 32, generator=gen)
     for step in range(1, a.steps + 1):
         k = int(torch.randint(a.min_k, a.max_k + 1, (1,), generator=gen))
-        ids = copy_batch(gen, a.batch, k, 32, base, tok.special["[BOS]"], tok.special["<|im_middle|>"])
+        # Few distinct tokens first: the copy mechanism forms on them (docs/policy.md), then widens.
+        n = start + (end - start) * (step - 1) // max(1, a.steps - 1)
+        ids = copy_batch(gen, a.batch, k, order[:n], tok.special["[BOS]"], tok.special["<|im_middle|>"])
         for g in opt.param_groups:
             g["lr"] = a.lr * min(1.0, step / 20)
         loss, acc = copy_loss(model, ids, k)
@@ -93,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        rec = {"step": step, "k": k, "loss": round(float(loss.detach()), 4), "accuracy": round(acc, 4),
+        rec = {"step": step, "k": k, "distinct": n, "loss": round(float(loss.detach()), 4), "accuracy": round(acc, 4),
                "elapsed_s": round(time.perf_counter() - t0, 1)}
         log.write(json.dumps(rec) + "\n")
         log.flush()

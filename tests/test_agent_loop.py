@@ -248,8 +248,8 @@ async def test_cancelling_an_agent_kills_its_python_child(registry: ToolRegistry
             break
     assert new, "the sandbox child never started"
     agent.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await asyncio.wait_for(agent, timeout=5.0)
+    with pytest.raises(asyncio.CancelledError):  # generous: a loaded 2-core machine is slow to reap
+        await asyncio.wait_for(agent, timeout=20.0)
     assert not (_sandbox_pids() & new)
 
 

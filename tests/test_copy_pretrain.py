@@ -17,11 +17,13 @@ from planner.copy_pretrain import copy_batch, copy_loss, main
 
 def test_batches_repeat_their_tokens_and_the_loss_covers_only_the_copy():
     gen = torch.Generator().manual_seed(0)
-    ids = copy_batch(gen, 4, 5, 32, 300, bos=1, sep=2)
+    pool = torch.tensor([40, 41, 99])
+    ids = copy_batch(gen, 4, 5, pool, bos=1, sep=2)
     assert ids.shape == (4, 12) and (ids[:, 0] == 1).all() and (ids[:, 6] == 2).all()
-    assert torch.equal(ids[:, 1:6], ids[:, 7:]) and ((ids[:, 1:6] >= 32) & (ids[:, 1:6] < 300)).all()
+    assert torch.equal(ids[:, 1:6], ids[:, 7:]) and torch.isin(ids[:, 1:6], pool).all()
     torch.manual_seed(0)
     model = KimiK2ForCausalLM(ModelConfig.preset("tiny"), dtype=torch.float32)
+    ids = copy_batch(gen, 4, 5, torch.arange(32, 300), bos=1, sep=2)
     loss, acc = copy_loss(model, ids, 5)
     # Changing the first copy's tokens changes the loss only through the context, never as targets:
     # a model that is perfect on the second half would score 1.0 whatever the first half predicts.
@@ -35,10 +37,11 @@ def test_writes_a_checkpoint_sft_can_start_from(tmp_path):
     tok_dir = write_tokenizer_dir(train_bpe(texts, 50, min_frequency=5), tmp_path / "tok")
     out = tmp_path / "copy"
     assert main(["--tokenizer-from", str(tok_dir), "--out", str(out), "--preset", "tiny", "--steps", "3",
-                 "--batch", "4", "--min-k", "4", "--max-k", "6", "--threads", "2"]) == 0
+                 "--batch", "4", "--min-k", "4", "--max-k", "6", "--distinct", "5", "20", "--threads", "2"]) == 0
     cfg, model = load_checkpoint(out)
     tok = load_tokenizer(out)
     assert cfg.vocab_size >= tok.vocab_size and cfg.vocab_size % 64 == 0
     log = [json.loads(line) for line in (out / "copy_log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [1, 2, 3] and all(4 <= r["k"] <= 6 for r in log)
+    assert [r["distinct"] for r in log] == [5, 12, 20]  # the curriculum widens linearly
     assert json.loads((out / "policy.json").read_text())["tokenizer"] == "."

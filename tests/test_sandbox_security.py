@@ -232,7 +232,8 @@ async def test_kernel_layers_alone_contain_a_setsid_escape() -> None:
 
 @pytest.mark.skipif(not (HOST_PIDNS and HOST_PIDS_CGROUP), reason="host offers no PID namespace or pids cgroup")
 async def test_kernel_layers_alone_bound_and_kill_a_fork_bomb() -> None:
-    limits = SandboxLimits(timeout_s=3.0, memory_mb=256, audit_hook=False, max_processes=16)
+    # 6 s: on a loaded machine the bomb needs time to reach pids.max and print before the limit.
+    limits = SandboxLimits(timeout_s=6.0, memory_mb=256, audit_hook=False, max_processes=16)
     res, seen, took = await _run_and_watch(FORK_BOMB, limits)
     assert "pids-cgroup" in res.layers and "pidns" in res.layers, res.layers
     lines = res.stdout.splitlines()
