@@ -46,8 +46,8 @@ _ENGINES: dict[str, Any] = {}  # engine actor name -> its handle, for the engine
 TRAIN_HELP = """\
 No policy to run the agents on: {problem}.
 
-Train the built-in policy (CPU, deterministic for a seed; docs/policy.md has the exact command and
-seed of the shipped one) into the directory the demo reads:
+The built-in policy is not shipped yet (training it on CPU is work in progress; docs/policy.md has
+the pipeline and its status). Train one into the directory the demo reads, e.g.:
 
   python -m planner.sft --preset small --out planner/builtin_policy --steps N --seed S
 
