@@ -26,3 +26,19 @@ def ray_local():
         ray.init(num_cpus=4, include_dashboard=False, namespace="agent-swarm-tests", log_to_driver=False)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A tiny-preset policy checkpoint with random weights (seed 0), HF format: the PARL tests' policy."""
+    import torch
+
+    from model_shards.checkpoint import save_checkpoint
+    from model_shards.config import ModelConfig
+    from model_shards.model import KimiK2ForCausalLM
+
+    torch.manual_seed(0)
+    mcfg = ModelConfig.preset("tiny")
+    path = tmp_path_factory.mktemp("tiny-random") / "policy"
+    save_checkpoint(KimiK2ForCausalLM(mcfg, dtype=torch.float32), mcfg, path)
+    return str(path)

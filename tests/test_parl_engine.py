@@ -10,9 +10,6 @@ import pytest
 import ray
 import torch
 
-from model_shards.checkpoint import save_checkpoint
-from model_shards.config import ModelConfig
-from model_shards.model import KimiK2ForCausalLM
 from model_shards.model_runner import RunnerSpec
 from model_shards.shards import launch_engine_actor
 from planner.parl.config import PARLConfig
@@ -45,13 +42,6 @@ def test_call_role_tells_orchestrator_calls_from_subagent_calls() -> None:
     assert call_role([user], None, {"type": "json_object"}) == "subagent"
 
 
-@pytest.fixture(scope="module")
-def tiny_ckpt(tmp_path_factory: pytest.TempPathFactory) -> str:
-    torch.manual_seed(0)
-    mcfg = ModelConfig.preset("tiny")
-    path = tmp_path_factory.mktemp("parl-engine") / "policy"
-    save_checkpoint(KimiK2ForCausalLM(mcfg, dtype=torch.float32), mcfg, path)
-    return str(path)
 
 
 def _recompute(trainer: PARLTrainer, s: OrchestratorSample) -> list[float]:

@@ -7,9 +7,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from model_shards.checkpoint import save_checkpoint
-from model_shards.config import ModelConfig
-from model_shards.model import KimiK2ForCausalLM
 from planner.parl.config import PARLConfig
 from planner.parl.loss import policy_loss
 from planner.parl.samples import OrchestratorSample, collate, token_logprobs
@@ -90,13 +87,6 @@ def test_collate_masks_exactly_the_completion_targets() -> None:
 
 
 # ---- the trainer in-process on a tiny random policy -------------------------------------------------------
-@pytest.fixture(scope="module")
-def tiny_ckpt(tmp_path_factory: pytest.TempPathFactory) -> str:
-    torch.manual_seed(0)
-    mcfg = ModelConfig.preset("tiny")
-    path = tmp_path_factory.mktemp("parl-tiny") / "policy"
-    save_checkpoint(KimiK2ForCausalLM(mcfg, dtype=torch.float32), mcfg, path)
-    return str(path)
 
 
 def _samples(trainer: PARLTrainer, advantages: list[float]) -> list[OrchestratorSample]:

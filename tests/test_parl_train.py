@@ -11,9 +11,8 @@ import torch
 from typer.testing import CliRunner
 
 from dashboards.metrics import read_metrics
-from model_shards.checkpoint import read_config, save_checkpoint
+from model_shards.checkpoint import read_config
 from model_shards.config import ModelConfig
-from model_shards.model import KimiK2ForCausalLM
 from planner.parl import load_config
 from planner.parl.loop import LOOP_STATE_FILE, run_training
 from swarm.cli import app
@@ -21,13 +20,6 @@ from swarm.cli import app
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "parl_tiny.yaml"
 
 
-@pytest.fixture(scope="module")
-def tiny_ckpt(tmp_path_factory: pytest.TempPathFactory) -> str:
-    torch.manual_seed(0)
-    mcfg = ModelConfig.preset("tiny")
-    path = tmp_path_factory.mktemp("parl-train") / "tiny-random"
-    save_checkpoint(KimiK2ForCausalLM(mcfg, dtype=torch.float32), mcfg, path)
-    return str(path)
 
 
 def test_train_two_steps_then_resume(ray_local: object, tiny_ckpt: str, tmp_path: Path) -> None:
