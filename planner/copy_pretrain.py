@@ -8,8 +8,9 @@ vocabulary, k varying per batch; the loss is on the second copy only. Why: a hel
 is answered by copying names and numbers from search results, and on the real traces a small model
 learns that copy skill late, if at all (docs/policy.md). Spans of varying length k mean the copy
 source is not at a fixed offset, so only content matching (an induction mechanism) solves the task.
-Status: 500 steps of the `small` preset stayed at chance (docs/policy.md, "Runs so far"); this
-module is the instrument for finding settings that do form the mechanism. The output is a checkpoint
+Status (docs/policy.md, "Runs so far"): drawing from all ~3,200 tokens, 500 steps of the `small`
+preset stayed at chance; starting from 100 distinct tokens and widening (`--distinct 100 400`), the
+accuracy rose from 0.02 to 0.21 over 600 steps while the token set grew. The output is a checkpoint
 with the tokenizer files, ready for `planner.sft --init-from`.
 """
 
