@@ -305,11 +305,11 @@ def train(cfg: SFTConfig, resume: bool = False, data: SFTData | None = None) -> 
     max_len = cfg.max_len or mcfg.max_position_embeddings
     if data is None:
         data, tok = build_data(cfg, max_len, out)
-    else:
-        tok = load_tokenizer(out if cfg.tokenizer.startswith("bpe:") else cfg.tokenizer)
+    else:  # the same tokenizer build_data would have chosen (resolve_tokenizer)
+        tok = load_tokenizer(cfg.init_from or (out if cfg.tokenizer.startswith("bpe:") else cfg.tokenizer))
+    model: KimiK2ForCausalLM | None = None
     if cfg.init_from:
-        tok = load_tokenizer(cfg.init_from)
-        mcfg, _ = load_checkpoint(cfg.init_from, dtype=torch.float32)
+        mcfg, model = load_checkpoint(cfg.init_from, dtype=torch.float32)
         if Path(cfg.init_from).resolve() != out.resolve():
             for name in TOKENIZER_FILES:  # the run ships the vocabulary it was trained with
                 shutil.copy(Path(cfg.init_from) / name, out / name)
@@ -319,9 +319,7 @@ def train(cfg: SFTConfig, resume: bool = False, data: SFTData | None = None) -> 
     if tok.vocab_size > mcfg.vocab_size:
         raise ValueError(f"tokenizer {cfg.tokenizer!r} has {tok.vocab_size} ids, more than the model's vocab_size {mcfg.vocab_size}")
     torch.manual_seed(cfg.seed)
-    if cfg.init_from:
-        mcfg, model = load_checkpoint(cfg.init_from, dtype=torch.float32)
-    else:
+    if model is None:
         model = KimiK2ForCausalLM(mcfg, dtype=torch.float32)
     model.train()
     opt = _optimizer(model, cfg)
