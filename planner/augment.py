@@ -20,6 +20,7 @@ import re
 from dataclasses import replace
 from typing import Any
 
+from planner.envs.geodata import CONTINENT_NAMES, load_geodata
 from planner.traces import Conversation, TaskTrace
 
 _SYLLABLES = ("ba", "ko", "ri", "ta", "mu", "se", "lo", "na", "vi", "de", "go", "pu", "ze", "ha", "ki", "ol",
@@ -60,6 +61,13 @@ def task_entities(trace: TaskTrace) -> list[str]:
     """Names to rename in this task's conversations: string cells of the gold rows, plus items of the
     '; '-separated lists the assistant wrote (listers name more countries than the gold keeps)."""
     names: set[str] = set()
+    # The task's subject (the country or continent it is about) too: a held-out task names one the
+    # model never saw, which the orchestrator and sub-agents must copy into subtasks and queries.
+    params = trace.task.meta.get("params", {})
+    if "country" in params:
+        names.add(load_geodata().country(params["country"]).name)
+    if "continent" in params:
+        names.add(CONTINENT_NAMES[params["continent"]])
     for row in trace.task.gold:
         for value in row.values():
             if isinstance(value, str) and len(value) >= _LIST_ITEM_MIN and not value.isdigit():

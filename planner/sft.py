@@ -34,6 +34,7 @@ from model_shards.model import KimiK2ForCausalLM
 from model_shards.tokenizer import load_tokenizer
 from model_shards.bpe import TOKENIZER_FILES, train_bpe, write_tokenizer_dir
 from model_shards.chat_template import render_segments
+from planner.copy_pretrain import copy_batch, copy_loss
 from planner.traces import KINDS, Conversation, EncodedExample, encode_conversation, length_stats, synthesize
 
 STATE_FILE = "train_state.pt"
@@ -72,6 +73,11 @@ class SFTConfig(BaseModel):
     # Start from this checkpoint's weights (fresh optimizer) instead of a random init; its tokenizer
     # directory is then the run's tokenizer.
     init_from: str | None = None
+    # Each step also trains `copy_mix_weight` × the copy warm-up loss (planner.copy_pretrain) on
+    # `copy_mix_batch` random spans of the vocabulary: SFT on traces alone lets a warm-up's copy
+    # skill fade before the traces need it. 0 = off.
+    copy_mix_weight: float = Field(0.0, ge=0)
+    copy_mix_batch: int = Field(32, ge=1)
     # The shipped checkpoint's dtype: bfloat16 halves it (the small preset is ~73 MB in float32).
     save_dtype: Literal["float32", "bfloat16"] = "float32"
     threads: int | None = Field(None, ge=1)
@@ -82,6 +88,9 @@ class SFTData:
     train: list[EncodedExample]
     eval: list[EncodedExample]
     report: dict[str, Any]
+    # The held-out conversations with their entities renamed (only with --fake-entity-copies): the
+    # plain held-out set names train-split countries, which a model can recall; these it must copy.
+    eval_fake: list[EncodedExample] = dataclasses.field(default_factory=list)
 
 
 BUCKET_WINDOW = 256
@@ -132,6 +141,10 @@ def build_data(cfg: SFTConfig, max_len: int, out_dir: Path | None = None) -> tup
             tr.conversations += [fake_entity_copy(c, entities, f"{cfg.seed}/{c.task_id}/{i}/{k}")
                                  for i, c in enumerate(list(tr.conversations)) if c.kind in cfg.kinds
                                  for k in range(cfg.fake_entity_copies)]
+        eval_fake = [encode_conversation(fake_entity_copy(c, task_entities(tr), f"eval/{c.task_id}/{i}"), tok)
+                     for tr in synthesized["eval"][0] for i, c in enumerate(tr.conversations) if c.kind in cfg.kinds]
+    else:
+        eval_fake = []
     out: dict[str, list[EncodedExample]] = {}
     report: dict[str, Any] = {"tokenizer": tok_report}
     for name in ("train", "eval"):
@@ -144,7 +157,7 @@ def build_data(cfg: SFTConfig, max_len: int, out_dir: Path | None = None) -> tup
         out[name] = kept
     if not out["train"]:
         raise ValueError(f"no training example fits max_len={max_len}; raise --max-len or change --kinds")
-    return SFTData(out["train"], out["eval"], report), tok
+    return SFTData(out["train"], out["eval"], report, [e for e in eval_fake if len(e) <= max_len]), tok
 
 
 def make_batches(examples: list[EncodedExample], batch_tokens: int, seed: int, epoch: int) -> list[list[int]]:
@@ -207,6 +220,15 @@ def masked_lm_loss(model: KimiK2ForCausalLM, ids: torch.Tensor, mask: torch.Tens
         weights = weights + context_weight * valid[:, 1:] * (1 - weights)
     losses = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none")
     return (losses * weights.reshape(-1)).sum() / n, n
+
+
+def _copy_mix_loss(model: KimiK2ForCausalLM, tok: Any, cfg: SFTConfig, step: int) -> tuple[torch.Tensor, float]:
+    """The copy warm-up's loss on a batch drawn from (seed, step) alone, so a resumed run sees the same batches."""
+    gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+    base = min(tok.special.values())  # ids below are BPE ranks (real text pieces)
+    k = int(torch.randint(8, 49, (1,), generator=gen))
+    ids = copy_batch(gen, cfg.copy_mix_batch, k, torch.arange(32, base), tok.special["[BOS]"], tok.special["<|im_middle|>"])
+    return copy_loss(model, ids, k)
 
 
 def lr_at(step: int, cfg: SFTConfig) -> float:
@@ -361,6 +383,11 @@ def train(cfg: SFTConfig, resume: bool = False, data: SFTData | None = None) -> 
         loss, n = masked_lm_loss(model, ids, mask, cfg.context_loss_weight, valid)
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        copy_rec = {}
+        if cfg.copy_mix_weight:
+            c_loss, c_acc = _copy_mix_loss(model, tok, cfg, step)
+            (cfg.copy_mix_weight * c_loss).backward()
+            copy_rec = {"copy_loss": round(float(c_loss.detach()), 4), "copy_accuracy": round(c_acc, 4)}
         gnorm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip))
         opt.step()
         step += 1
@@ -368,7 +395,8 @@ def train(cfg: SFTConfig, resume: bool = False, data: SFTData | None = None) -> 
         if first_loss != first_loss:
             first_loss = last_loss
         rec: dict[str, Any] = {"step": step, "loss": round(last_loss, 5), "lr": lr, "grad_norm": round(gnorm, 4),
-                               "batch": len(batch), "target_tokens": n, "elapsed_s": round(time.perf_counter() - t0, 2)}
+                               "batch": len(batch), "target_tokens": n, **copy_rec,
+                               "elapsed_s": round(time.perf_counter() - t0, 2)}
         if step % cfg.eval_every == 0 or step == cfg.steps:
             detail = evaluate_detail(model, data.eval, cfg.batch_tokens, pad_id)
             if detail is not None:
@@ -376,6 +404,9 @@ def train(cfg: SFTConfig, resume: bool = False, data: SFTData | None = None) -> 
                 rec["eval_loss"] = round(eval_loss, 5)
                 rec["eval_accuracy"] = round(detail[1], 5)
                 eval_losses.append((step, eval_loss))
+            fake = evaluate_detail(model, data.eval_fake, cfg.batch_tokens, pad_id)
+            if fake is not None:
+                rec["eval_fake_loss"], rec["eval_fake_accuracy"] = round(fake[0], 5), round(fake[1], 5)
         _log(log_path, rec)
         if step % cfg.save_every == 0 or step == cfg.steps:
             torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step,
@@ -408,6 +439,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[SFTConfig, bool]:
     p.add_argument("--context-loss-weight", type=float, default=0.0)
     p.add_argument("--fake-entity-copies", type=int, default=0, help="renamed-entity copies per conversation")
     p.add_argument("--init-from", default=None, help="start from this checkpoint dir (weights and tokenizer)")
+    p.add_argument("--copy-mix-weight", type=float, default=0.0, help="weight of a copy-task loss added every step (0 = off)")
+    p.add_argument("--copy-mix-batch", type=int, default=32, help="random spans in that copy batch")
     p.add_argument("--save-dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--resume", action="store_true", help="continue from OUT/train_state.pt")

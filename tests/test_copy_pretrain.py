@@ -45,3 +45,18 @@ def test_writes_a_checkpoint_sft_can_start_from(tmp_path):
     assert [r["step"] for r in log] == [1, 2, 3] and all(4 <= r["k"] <= 6 for r in log)
     assert [r["distinct"] for r in log] == [5, 12, 20]  # the curriculum widens linearly
     assert json.loads((out / "policy.json").read_text())["tokenizer"] == "."
+
+
+def test_unembedding_starts_as_a_copy_of_the_embedding(tmp_path):
+    texts = ["Capital of Peru: Lima. Population of Peru: 29,381,884."] * 40
+    tok_dir = write_tokenizer_dir(train_bpe(texts, 50, min_frequency=5), tmp_path / "tok")
+    args = ["--tokenizer-from", str(tok_dir), "--preset", "tiny", "--steps", "1", "--batch", "2", "--min-k", "4",
+            "--max-k", "4", "--lr", "1e-12", "--threads", "2", "--distinct", "5"]
+    assert main(args + ["--out", str(tmp_path / "embed")]) == 0
+    assert main(args + ["--out", str(tmp_path / "random"), "--unembed-init", "random"]) == 0
+    _, copied = load_checkpoint(tmp_path / "embed")
+    _, fresh = load_checkpoint(tmp_path / "random")
+    # A separate tensor (Kimi-K2 keeps lm_head untied) that starts equal; lr ~ 0 keeps it so.
+    assert copied.lm_head.weight is not copied.model.embed_tokens.weight
+    assert torch.allclose(copied.lm_head.weight, copied.model.embed_tokens.weight, atol=1e-6)
+    assert not torch.allclose(fresh.lm_head.weight, fresh.model.embed_tokens.weight, atol=1e-3)

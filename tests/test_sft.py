@@ -175,10 +175,15 @@ def test_bpe_run_trains_its_vocabulary_on_train_traces_and_ships_it(tmp_path):
     # A second run starts from this checkpoint (weights and vocabulary) and adds fake-entity copies.
     ft = tmp_path / "ft"
     ft_cfg = cfg.model_copy(update={"out": str(ft), "init_from": str(out), "fake_entity_copies": 1,
-                                    "tokenizer": "byte:512", "lr": 1e-9, "steps": 1})
+                                    "tokenizer": "byte:512", "lr": 1e-9, "steps": 1, "eval_tasks": 4})
     data_ft, _ = build_data(ft_cfg, 1024, tmp_path / "unused")
     assert sum(e.task_id.endswith("#fake") for e in data_ft.train) == sum(not e.task_id.endswith("#fake") for e in data_ft.train)
+    # The held-out set gets a renamed twin, scored separately (recall cannot predict it).
+    assert data_ft.eval and len(data_ft.eval_fake) == len(data_ft.eval) and all(e.task_id.endswith("#fake") for e in data_ft.eval_fake)
+    assert [e.ids for e in data_ft.eval_fake] != [e.ids for e in data_ft.eval]
     train(ft_cfg, data=data_ft)
+    last = json.loads((ft / LOG_FILE).read_text().splitlines()[-1])
+    assert {"eval_loss", "eval_fake_loss", "eval_fake_accuracy"} <= last.keys()
     assert load_tokenizer(ft).vocab_size == tok.vocab_size and json.loads((ft / POLICY_FILE).read_text())["tokenizer"] == "."
     _, before = load_checkpoint(out)
     _, after = load_checkpoint(ft)
@@ -213,3 +218,20 @@ def test_eval_accuracy_counts_argmax_hits_on_assistant_tokens(data):
             hits += int((pred[m] == ids[0, 1:][m]).sum())
             total += int(m.sum())
     assert acc == pytest.approx(hits / total) and loss > 0
+
+
+def test_copy_mix_adds_a_copy_loss_that_resumes_identically(tmp_path, data):
+    cfg = _cfg(tmp_path / "mix", 3).model_copy(update={"copy_mix_weight": 0.5, "copy_mix_batch": 4})
+    mixed = train(cfg, data=data)
+    plain = train(_cfg(tmp_path / "plain", 3), data=data)
+    log = [json.loads(line) for line in (tmp_path / "mix" / LOG_FILE).read_text().splitlines()][1:]
+    assert all(r["copy_loss"] > 0 and 0.0 <= r["copy_accuracy"] <= 1.0 for r in log)
+    # The copy batches change the update: the SFT loss of the first step is the same, later ones differ.
+    first_plain = json.loads((tmp_path / "plain" / LOG_FILE).read_text().splitlines()[1])
+    assert log[0]["loss"] == first_plain["loss"] and mixed.last_loss != plain.last_loss
+    # Copy batches come from (seed, step): a resumed run repeats them exactly.
+    train(cfg.model_copy(update={"out": str(tmp_path / "split"), "steps": 2}), data=data)
+    resumed = train(cfg.model_copy(update={"out": str(tmp_path / "split")}), resume=True, data=data)
+    assert resumed.last_loss == mixed.last_loss
+    again = [json.loads(line) for line in (tmp_path / "split" / LOG_FILE).read_text().splitlines()][1:]
+    assert [r["copy_loss"] for r in again] == [r["copy_loss"] for r in log]
