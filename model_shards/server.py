@@ -141,6 +141,12 @@ def _constraint_for(req: ChatCompletionRequest, tools: list[dict[str, Any]] | No
             return tool_call_grammar(tools, mode, parallel=req.parallel_tool_calls is not False)
         except ConstraintError as e:
             raise OpenAIError(400, str(e), param="tool_choice") from e
+    if tools and req.tool_choice in (None, "auto") and rf_type not in ("json_object", "json_schema"):
+        # The model still chooses between text and calls, but a call it starts is well-formed.
+        try:
+            return tool_call_grammar(tools, "auto", parallel=req.parallel_tool_calls is not False)
+        except ConstraintError as e:
+            raise OpenAIError(400, str(e), param="tools") from e
     if rf_type == "json_object":
         return Constraint(kind="json_schema", spec='{"type": "object"}')
     if rf_type == "json_schema":

@@ -190,6 +190,8 @@ def tool_call_grammar(tools: list[dict[str, Any]], mode: str | dict[str, Any] = 
     """An EBNF constraint forcing a Kimi tool-call section with arguments valid for the tool's schema.
 
     mode "required": one or more calls (exactly one when parallel is False), each to any of `tools`;
+    "auto": free text, optionally followed by such a section (the model still chooses whether to call,
+    but whatever call it starts is well-formed: a small model's broken JSON never reaches the caller);
     a function name (or OpenAI's {"type": "function", "function": {"name": ...}}): exactly one call
     to that tool.
     """
@@ -201,7 +203,7 @@ def tool_call_grammar(tools: list[dict[str, Any]], mode: str | dict[str, Any] = 
         if not name:
             raise ConstraintError(f"tool_choice object must name a function: {mode!r}")
         mode = str(name)
-    if mode == "required":
+    if mode in ("required", "auto"):
         chosen, repeat = fns, parallel
     else:
         chosen = [f for f in fns if f["name"] == mode]
@@ -220,5 +222,13 @@ def tool_call_grammar(tools: list[dict[str, Any]], mode: str | dict[str, Any] = 
     one_call = calls[0] if len(calls) == 1 else xgr.Grammar.union(*calls)
     body = _rename_rule(str(one_call), "root", "tool_call")
     reps = "tool_call+" if repeat else "tool_call"
-    spec = f"{body}\nroot ::= {_ebnf_str(SECTION_BEGIN)} {reps} {_ebnf_str(SECTION_END)}\n"
+    section = f"{_ebnf_str(SECTION_BEGIN)} {reps} {_ebnf_str(SECTION_END)}"
+    if mode == "auto":
+        # Text never holds a marker (markers are \x1f codes inside xgrammar), so a call can only
+        # start through the section rule, whose arguments follow the tool's schema.
+        think = f"{_ebnf_str('<think>')} auto_text {_ebnf_str('</think>')}"
+        spec = (f"{body}\nauto_text ::= [^\\x1f]*\nauto_think ::= {think}\nauto_section ::= {section}\n"
+                "root ::= auto_think? auto_text auto_section?\n")
+    else:
+        spec = f"{body}\nroot ::= {section}\n"
     return Constraint(kind="ebnf", spec=spec)

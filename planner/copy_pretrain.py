@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from model_shards.bpe import TOKENIZER_FILES
-from model_shards.checkpoint import save_checkpoint
+from model_shards.checkpoint import load_checkpoint, save_checkpoint
 from model_shards.config import ModelConfig
 from model_shards.model import KimiK2ForCausalLM
 from model_shards.tokenizer import load_tokenizer
@@ -67,6 +67,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="how many distinct tokens a batch draws from: START, growing linearly to END by the last step")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--init-from", default=None,
+                   help="start from this checkpoint's weights (e.g. a stage-1 SFT policy) instead of a random init")
     p.add_argument("--unembed-init", choices=["random", "embed"], default="embed",
                    help="'embed': start lm_head as a copy of the input embedding (not tied)")
     a = p.parse_args(argv)
@@ -83,8 +85,11 @@ def main(argv: list[str] | None = None) -> int:
     cfg = dataclasses.replace(cfg, vocab_size=-(-tok.vocab_size // 64) * 64)
     torch.manual_seed(a.seed)
     gen = torch.Generator().manual_seed(a.seed)
-    model = KimiK2ForCausalLM(cfg, dtype=torch.float32)
-    if a.unembed_init == "embed":
+    if a.init_from:
+        cfg, model = load_checkpoint(a.init_from, dtype=torch.float32)
+    else:
+        model = KimiK2ForCausalLM(cfg, dtype=torch.float32)
+    if a.unembed_init == "embed" and not a.init_from:
         # Copying a token means writing its unembedding from its embedding; starting the two equal
         # (a copy, not tied: the checkpoint keeps Kimi-K2's separate lm_head) gives that map for free.
         with torch.no_grad():

@@ -76,6 +76,9 @@ class EngineChatClient:
             if not offered:
                 raise ValueError(f"tool_choice={tool_choice!r} but no tools were offered")
             constraint = tool_call_grammar([t.to_openai() for t in offered], tool_choice)
+        elif offered and constraint is None:
+            # "auto": text or calls, as the model chooses, but any call it starts is well-formed.
+            constraint = tool_call_grammar([t.to_openai() for t in offered], "auto")
         chat = [m.to_openai() for m in messages]
         tool_defs = [t.to_openai() for t in offered] if offered else None
         temp = temperature if temperature is not None else self.config.temperature

@@ -46,6 +46,13 @@ def test_writes_a_checkpoint_sft_can_start_from(tmp_path):
     assert [r["distinct"] for r in log] == [5, 12, 20]  # the curriculum widens linearly
     assert json.loads((out / "policy.json").read_text())["tokenizer"] == "."
 
+    # --init-from continues from a checkpoint's weights (lr ~ 0: they come back unchanged).
+    again = tmp_path / "again"
+    assert main(["--tokenizer-from", str(out), "--init-from", str(out), "--out", str(again), "--steps", "1",
+                 "--batch", "2", "--min-k", "4", "--max-k", "4", "--lr", "1e-12", "--distinct", "5", "--threads", "2"]) == 0
+    _, model2 = load_checkpoint(again)
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(model.state_dict().values(), model2.state_dict().values()))
+
 
 def test_unembedding_starts_as_a_copy_of_the_embedding(tmp_path):
     texts = ["Capital of Peru: Lima. Population of Peru: 29,381,884."] * 40

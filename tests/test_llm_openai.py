@@ -356,3 +356,21 @@ def test_missing_settings_file(clean_env: pytest.MonkeyPatch, tmp_path: Path) ->
 def test_settings_round_trip_json(clean_env: pytest.MonkeyPatch) -> None:
     s = Settings(port=1234, llm=LLMConfig(model="m"))
     assert Settings.model_validate(json.loads(s.model_dump_json())) == s
+
+
+def test_engine_client_constrains_tool_calls_in_auto_mode() -> None:
+    from swarm.llm_engine import EngineChatClient
+
+    client = EngineChatClient(LLMConfig(backend="engine", engine_actor="unused-no-call-is-made"))
+    search = ToolSpec(name="search", parameters={"type": "object", "properties": {"query": {"type": "string"}},
+                                                 "required": ["query"]})
+    msgs = [ChatMessage(role="user", content="hi")]
+    # Tools offered, no tool_choice: "auto", the model picks text or calls, but calls are well-formed.
+    _, tool_defs, _, auto = client._request(msgs, [search], None, None, None, None)
+    assert tool_defs and auto is not None and auto.kind == "ebnf" and "auto_section" in auto.spec
+    _, _, _, forced = client._request(msgs, [search], "required", None, None, None)
+    assert forced is not None and "auto_section" not in forced.spec
+    _, none_defs, _, free = client._request(msgs, [search], "none", None, None, None)
+    assert none_defs is None and free is None
+    _, _, _, json_only = client._request(msgs, [search], None, None, None, {"type": "json_object"})
+    assert json_only is not None and json_only.kind == "json"  # a JSON response format wins

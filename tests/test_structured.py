@@ -123,6 +123,36 @@ def test_required_tool_call_grammar_yields_valid_calls(cache: GrammarCache, seed
             assert call["name"] == "search" and set(args) == {"query"} and isinstance(args["query"], str)
 
 
+def test_auto_tool_call_grammar_allows_text_or_text_then_well_formed_calls(cache: GrammarCache) -> None:
+    m_text = cache.matcher(tool_call_grammar(TOOLS, "auto"))
+    for ch in "| a | b |\n":  # a plain answer, then the stop token
+        assert m_text.accept(ord(ch))
+    assert m_text.accept(TOK.eos_id) and m_text.is_terminated()
+    # A call may follow the text, but its arguments must match the tool's schema.
+    m = cache.matcher(tool_call_grammar(TOOLS, "auto"))
+    for t in [ord(c) for c in "ok "] + [TOK.special["<|tool_calls_section_begin|>"], TOK.special["<|tool_call_begin|>"]]:
+        assert m.accept(t)
+    for ch in "functions.search:0":
+        assert m.accept(ord(ch))
+    assert m.accept(TOK.special["<|tool_call_argument_begin|>"])
+    for ch in '{"query": ':
+        assert m.accept(ord(ch))
+    assert not m.accept(ord("k"))  # `{"query": k` is broken JSON: refused
+    seen_call = seen_text = 0
+    for seed in range(12):  # random sampling under the mask: every output parses
+        bias = {ord('"'): 4.0, TOK.eos_id: 1.0}
+        if seed % 2:  # odd seeds lean towards opening a call section
+            bias[TOK.special["<|tool_calls_section_begin|>"]] = 12.0
+        ids = run_random(cache.matcher(tool_call_grammar(TOOLS, "auto")), seed, bias)
+        content, _, calls = parse_assistant(TOK.decode(ids))
+        for call in calls:
+            args = json.loads(call["arguments"])
+            assert call["name"] in ("get_weather", "search") and isinstance(args, dict)
+        seen_call += bool(calls)
+        seen_text += not calls
+    assert seen_text and seen_call  # the model still chooses: plain answers and calls both occur
+
+
 def test_named_tool_call_grammar_forces_that_tool(cache: GrammarCache) -> None:
     c = tool_call_grammar(TOOLS, {"type": "function", "function": {"name": "search"}})
     for seed in range(5):
