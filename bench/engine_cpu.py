@@ -43,11 +43,12 @@ def make_checkpoint(out_dir: str, seed: int) -> None:
     save_checkpoint(runner.model, runner.cfg, out_dir)
 
 
-def run_hf(ckpt: str, batch: int, prompt_len: int, new_tokens: int, threads: int, repeat: int = 3) -> dict[str, Any]:
+def run_hf(ckpt: str, batch: int, prompt_len: int, new_tokens: int, threads: int, repeat: int = 3,
+           dtype: str = "float32") -> dict[str, Any]:
     from transformers import DeepseekV3ForCausalLM
 
     torch.set_num_threads(threads)
-    model = DeepseekV3ForCausalLM.from_pretrained(ckpt, torch_dtype=torch.float32).eval()
+    model = DeepseekV3ForCausalLM.from_pretrained(ckpt, torch_dtype=getattr(torch, dtype)).eval()
     ids = torch.tensor(_prompts(batch, prompt_len, model.config.vocab_size))
     kw = dict(do_sample=False, eos_token_id=None, pad_token_id=0)
     from transformers.generation.streamers import BaseStreamer
@@ -83,14 +84,15 @@ def run_hf(ckpt: str, batch: int, prompt_len: int, new_tokens: int, threads: int
 
 
 def run_engine(
-    ckpt: str, batch: int, prompt_len: int, new_tokens: int, tp: int, threads: int, repeat: int = 3
+    ckpt: str, batch: int, prompt_len: int, new_tokens: int, tp: int, threads: int, repeat: int = 3,
+    dtype: str = "float32",
 ) -> dict[str, Any]:
     from model_shards.engine import LLMEngine
     from model_shards.engine_api import GenerationRequest, SamplingParams
     from model_shards.model_runner import LocalRunnerGroup, RunnerSpec
     from model_shards.tokenizer import ByteTokenizer
 
-    spec = RunnerSpec(checkpoint=ckpt, num_slots=max(batch, 1), max_len=prompt_len + new_tokens + 8)
+    spec = RunnerSpec(checkpoint=ckpt, num_slots=max(batch, 1), max_len=prompt_len + new_tokens + 8, dtype=dtype)
     shard_peaks: list[float] = []
     if tp == 1:
         torch.set_num_threads(threads)
@@ -166,6 +168,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--repeat", type=int, default=3, help="timed runs per configuration; the best is reported")
     ap.add_argument("--json", help="also write the results here")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                    help="weights and activations of both systems (the checkpoint is fp32; each casts it on load)")
     a = ap.parse_args(argv)
 
     rows: list[dict[str, Any]] = []
@@ -173,10 +177,10 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory() as ckpt:
         in_fresh_process("make_checkpoint", ckpt, a.seed)
         for b in a.batches:
-            hf = in_fresh_process("run_hf", ckpt, b, a.prompt_len, a.new_tokens, a.threads, a.repeat)
+            hf = in_fresh_process("run_hf", ckpt, b, a.prompt_len, a.new_tokens, a.threads, a.repeat, a.dtype)
             rows.append({"system": "transformers generate", "tp": 1, "batch": b, **hf})
             for tp in a.tp:
-                r = in_fresh_process("run_engine", ckpt, b, a.prompt_len, a.new_tokens, tp, a.threads, a.repeat)
+                r = in_fresh_process("run_engine", ckpt, b, a.prompt_len, a.new_tokens, tp, a.threads, a.repeat, a.dtype)
                 if "tokens" in r and "tokens" in hf:
                     same = sum(x == y for x, y in zip(r["tokens"], hf["tokens"]))
                     r["same_as_hf"] = f"{same}/{b}"
@@ -185,7 +189,7 @@ def main(argv: list[str] | None = None) -> None:
                 rows.append({"system": "model_shards engine", "tp": tp, "batch": b, **r})
             print(f"done batch {b}", file=sys.stderr, flush=True)
 
-    print(f"\nsmall preset, prompt {a.prompt_len} tokens, {a.new_tokens} new tokens, greedy, fp32, "
+    print(f"\nsmall preset, prompt {a.prompt_len} tokens, {a.new_tokens} new tokens, greedy, {a.dtype}, "
           f"{a.threads} threads, best of {a.repeat} runs, torch {torch.__version__}, {os.cpu_count()} CPUs, "
           f"1-min load average {load_before:.1f} before and {os.getloadavg()[0]:.1f} after\n")
     print("| system | TP | batch | TTFT (ms) | decode tok/s | decode × HF | peak RSS (MB) | greedy tokens equal to HF |")
