@@ -20,7 +20,7 @@ import re
 from dataclasses import replace
 from typing import Any
 
-from planner.envs.geodata import CONTINENT_NAMES, load_geodata
+from planner.envs.widegeo import task_subject
 from planner.traces import Conversation, TaskTrace
 
 _SYLLABLES = ("ba", "ko", "ri", "ta", "mu", "se", "lo", "na", "vi", "de", "go", "pu", "ze", "ha", "ki", "ol",
@@ -63,11 +63,7 @@ def task_entities(trace: TaskTrace) -> list[str]:
     names: set[str] = set()
     # The task's subject (the country or continent it is about) too: a held-out task names one the
     # model never saw, which the orchestrator and sub-agents must copy into subtasks and queries.
-    params = trace.task.meta.get("params", {})
-    if "country" in params:
-        names.add(load_geodata().country(params["country"]).name)
-    if "continent" in params:
-        names.add(CONTINENT_NAMES[params["continent"]])
+    names.add(task_subject(trace.task))
     for row in trace.task.gold:
         for value in row.values():
             if isinstance(value, str) and len(value) >= _LIST_ITEM_MIN and not value.isdigit():

@@ -24,6 +24,7 @@ import shutil
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -33,6 +34,14 @@ from model_shards.checkpoint import load_checkpoint, save_checkpoint
 from model_shards.config import ModelConfig
 from model_shards.model import KimiK2ForCausalLM
 from model_shards.tokenizer import load_tokenizer
+
+
+MIN_K, MAX_K = 8, 48  # default copy-span lengths
+
+
+def text_token_ids(tok: Any) -> torch.Tensor:
+    """Ids that copy spans draw from: BPE ranks below the special tokens, minus the first 32 (control bytes)."""
+    return torch.arange(32, min(tok.special.values()))
 
 
 def copy_batch(gen: torch.Generator, batch: int, k: int, pool: torch.Tensor, bos: int, sep: int) -> torch.Tensor:
@@ -60,8 +69,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--preset", default="small")
     p.add_argument("--steps", type=int, default=600)
     p.add_argument("--batch", type=int, default=64)
-    p.add_argument("--min-k", type=int, default=8)
-    p.add_argument("--max-k", type=int, default=48)
+    p.add_argument("--min-k", type=int, default=MIN_K)
+    p.add_argument("--max-k", type=int, default=MAX_K)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--distinct", type=int, nargs="+", default=[100, 3000], metavar=("START", "END"),
                    help="how many distinct tokens a batch draws from: START, growing linearly to END by the last step")
@@ -77,10 +86,10 @@ def main(argv: list[str] | None = None) -> int:
     if not 1 <= a.min_k <= a.max_k:
         raise SystemExit(f"need 1 <= --min-k <= --max-k, got {a.min_k}, {a.max_k}")
     tok = load_tokenizer(a.tokenizer_from)
-    base = min(tok.special.values())  # ids below are the BPE ranks (real text pieces)
+    pool = text_token_ids(tok)
     start, end = (a.distinct * 2)[:2] if len(a.distinct) == 1 else a.distinct[:2]
-    if len(a.distinct) > 2 or not 2 <= start <= end <= base - 32:
-        raise SystemExit(f"--distinct takes START [END] with 2 <= START <= END <= {base - 32}, got {a.distinct}")
+    if len(a.distinct) > 2 or not 2 <= start <= end <= len(pool):
+        raise SystemExit(f"--distinct takes START [END] with 2 <= START <= END <= {len(pool)}, got {a.distinct}")
     cfg = ModelConfig.preset(a.preset)
     cfg = dataclasses.replace(cfg, vocab_size=-(-tok.vocab_size // 64) * 64)
     torch.manual_seed(a.seed)
@@ -104,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     log = (out / "copy_log.jsonl").open("w")
     t0 = time.perf_counter()
     # A fixed random order of the BPE ids: a curriculum over "distinct tokens" is not one over ranks.
-    order = 32 + torch.randperm(base - 32, generator=gen)
+    order = pool[torch.randperm(len(pool), generator=gen)]
     for step in range(1, a.steps + 1):
         k = int(torch.randint(a.min_k, a.max_k + 1, (1,), generator=gen))
         # Few distinct tokens first: the copy mechanism forms on them (docs/policy.md), then widens.

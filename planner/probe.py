@@ -23,7 +23,7 @@ from model_shards.model_runner import RunnerSpec
 from model_shards.structured import tool_call_grammar
 from planner.builtin import checkpoint_tokenizer
 from planner.envs import get_env
-from planner.envs.geodata import CONTINENT_NAMES, load_geodata
+from planner.envs.widegeo import task_subject
 from planner.prompts import SUBAGENT_SYSTEM_PROMPT
 from workers.tools import make_search_tool
 
@@ -39,14 +39,6 @@ class ProbeResult:
         return self.subject in self.turn
 
 
-def task_subject(meta: dict) -> str:
-    """The country or continent a WideGeo task is about (the name its first search must carry)."""
-    params = meta.get("params", {})
-    if "country" in params:
-        return load_geodata().country(params["country"]).name
-    return CONTINENT_NAMES[params["continent"]]
-
-
 def probe(checkpoint: str, task_indices: list[int], max_tokens: int = 120) -> list[ProbeResult]:
     env = get_env("widegeo")
     tasks = env.eval_set()
@@ -56,8 +48,7 @@ def probe(checkpoint: str, task_indices: list[int], max_tokens: int = 120) -> li
     engine = build_engine(RunnerSpec(checkpoint=checkpoint, num_slots=1, max_len=4096), 1,
                           tokenizer=checkpoint_tokenizer(checkpoint), use_ray=False)
     search = make_search_tool(str(env.corpus_path()))
-    spec = {"type": "function", "function": {"name": search.name, "description": search.description,
-                                             "parameters": search.args_model.model_json_schema()}}
+    spec = search.spec().to_openai()
 
     async def run() -> list[ProbeResult]:
         out = []
@@ -68,7 +59,7 @@ def probe(checkpoint: str, task_indices: list[int], max_tokens: int = 120) -> li
                                     SamplingParams(temperature=0.0, max_tokens=max_tokens),
                                     tool_call_grammar([spec], "auto"))
             res = await engine.complete(req)
-            out.append(ProbeResult(task.id, task_subject(task.meta), res.text))
+            out.append(ProbeResult(task.id, task_subject(task), res.text))
         await engine.close()
         return out
 

@@ -34,7 +34,7 @@ from model_shards.model import KimiK2ForCausalLM
 from model_shards.tokenizer import load_tokenizer
 from model_shards.bpe import TOKENIZER_FILES, train_bpe, write_tokenizer_dir
 from model_shards.chat_template import render_segments
-from planner.copy_pretrain import copy_batch, copy_loss
+from planner.copy_pretrain import MAX_K, MIN_K, copy_batch, copy_loss, text_token_ids
 from planner.traces import KINDS, Conversation, EncodedExample, encode_conversation, length_stats, synthesize
 
 STATE_FILE = "train_state.pt"
@@ -225,9 +225,8 @@ def masked_lm_loss(model: KimiK2ForCausalLM, ids: torch.Tensor, mask: torch.Tens
 def _copy_mix_loss(model: KimiK2ForCausalLM, tok: Any, cfg: SFTConfig, step: int) -> tuple[torch.Tensor, float]:
     """The copy warm-up's loss on a batch drawn from (seed, step) alone, so a resumed run sees the same batches."""
     gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
-    base = min(tok.special.values())  # ids below are BPE ranks (real text pieces)
-    k = int(torch.randint(8, 49, (1,), generator=gen))
-    ids = copy_batch(gen, cfg.copy_mix_batch, k, torch.arange(32, base), tok.special["[BOS]"], tok.special["<|im_middle|>"])
+    k = int(torch.randint(MIN_K, MAX_K + 1, (1,), generator=gen))
+    ids = copy_batch(gen, cfg.copy_mix_batch, k, text_token_ids(tok), tok.special["[BOS]"], tok.special["<|im_middle|>"])
     return copy_loss(model, ids, k)
 
 

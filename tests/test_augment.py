@@ -8,7 +8,7 @@ import re
 
 import pytest
 
-from planner.envs.geodata import CONTINENT_NAMES, load_geodata
+from planner.envs.widegeo import task_subject
 from planner.augment import fake_entity_copy, fake_name, fake_number, task_entities
 from planner.envs import get_env
 from planner.traces import synthesize
@@ -47,10 +47,7 @@ def test_fake_copies_rename_every_entity_consistently(traces):
         entities = task_entities(tr)
         assert entities and all(len(e) >= 3 for e in entities)
         # The subject is renamed too: a held-out task's country or continent has to be copied.
-        params = tr.task.meta["params"]
-        subject = (load_geodata().country(params["country"]).name if "country" in params
-                   else CONTINENT_NAMES[params["continent"]])
-        assert subject in entities
+        assert task_subject(tr.task) in entities
         for i, conv in enumerate(tr.conversations):
             fake = fake_entity_copy(conv, entities, f"t/{i}")
             assert fake_entity_copy(conv, entities, f"t/{i}") == fake  # seeded: deterministic

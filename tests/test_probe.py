@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import pytest
 
-from planner.probe import ProbeResult, main, probe, task_subject
 from planner.envs import get_env
+from planner.envs.widegeo import task_subject
+from planner.probe import ProbeResult, main, probe
 
 
 def test_probe_runs_the_engine_and_checks_the_subject(tiny_ckpt: str, capsys: pytest.CaptureFixture[str]) -> None:
     tasks = get_env("widegeo").eval_set()
-    assert task_subject(tasks[5].meta) == "Botswana" and "Botswana" in tasks[5].prompt
+    assert task_subject(tasks[5]) == "Botswana" and "Botswana" in tasks[5].prompt
     (res,) = probe(tiny_ckpt, [5], max_tokens=6)
     assert res.task_id == tasks[5].id and res.subject == "Botswana" and res.turn  # the engine generated
     assert res.copied_subject == ("Botswana" in res.turn)

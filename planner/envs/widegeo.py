@@ -15,6 +15,7 @@ from typing import Any
 from planner.envs.base import GeneratedEnvironment, GoldValue, Score, Split, Task
 from planner.envs.corpus import build_corpus
 from planner.envs.geodata import (
+    CONTINENT_NAMES,
     LANGUAGE_NAMES,
     Country,
     GeoData,
@@ -38,6 +39,14 @@ COUNTRY_ATTRIBUTES = {
 TEMPLATES = ("continent_countries", "top_cities", "neighbours", "language_countries")
 
 _FORMAT = "Answer with a markdown table whose columns are: {cols}. One row per {row}."
+
+
+def task_subject(task: Task) -> str:
+    """The country or continent a WideGeo task is about (its prompt names it; a first search must too)."""
+    params = task.meta.get("params", {})
+    if "country" in params:
+        return load_geodata().country(params["country"]).name
+    return CONTINENT_NAMES[params["continent"]]
 
 
 def _listing(parts: list[str]) -> str:
