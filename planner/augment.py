@@ -18,8 +18,10 @@ import json
 import random
 import re
 from dataclasses import replace
-from typing import Any
+from functools import lru_cache
+from typing import Any, Literal
 
+from planner.envs.geodata import fold, load_geodata, split_of_country
 from planner.envs.widegeo import task_subject
 from planner.traces import Conversation, TaskTrace
 
@@ -30,16 +32,43 @@ _SYLLABLES = ("ba", "ko", "ri", "ta", "mu", "se", "lo", "na", "vi", "de", "go", 
 _NUMBER = re.compile(r"(?<![\w.,])\d{1,3}(?:,\d{3})+(?![\w,])")
 _CODE = re.compile(r"[A-Z]{3}")  # ISO 4217 currency codes get fake codes of the same shape
 _LIST_ITEM_MIN = 3  # characters: shorter list items are not taken for names
+_PLACE_NAME = re.compile(r"[A-Z][A-Za-z' -]{2,19}")
+
+FakeNames = Literal["syllables", "places"]
+FAKE_NAME_KINDS: tuple[str, ...] = ("syllables", "places")
 
 
-def fake_name(rng: random.Random, taken: set[str], like: str = "") -> str:
-    """A pronounceable made-up name of one or two words (three capitals for a code `like` "EUR"),
-    not in `taken`."""
+@lru_cache(maxsize=1)
+def place_names() -> tuple[str, ...]:
+    """Names of train-split GeoNames cities (~19k), minus any that is also the name of a test-split
+    country, capital, city or currency: fake names with the token statistics of real place names.
+
+    Syllable names have a distribution a model can learn to *write* (it then invents plausible names
+    instead of copying); a name drawn from thousands of real ones cannot be guessed, only copied."""
+    data = load_geodata()
+    test: set[str] = set()
+    for c in data.countries.values():
+        if split_of_country(data, c.iso) == "test":
+            test |= {fold(c.name), fold(c.capital), fold(c.currency_name)}
+    test |= {fold(city.name) for city in data.cities.values() if split_of_country(data, city.country) == "test"}
+    return tuple(sorted({city.name for city in data.cities.values()
+                         if split_of_country(data, city.country) == "train" and _PLACE_NAME.fullmatch(city.name)
+                         and fold(city.name) not in test}))
+
+
+def fake_name(rng: random.Random, taken: set[str], like: str = "", kind: FakeNames = "syllables") -> str:
+    """A made-up name not in `taken`: three capitals for a code `like` "EUR"; otherwise a pronounceable
+    one or two words ("syllables") or a train-split city name drawn at random ("places")."""
     while _CODE.fullmatch(like):
         code = "".join(chr(rng.randint(65, 90)) for _ in range(3))
         if code not in taken:
             taken.add(code)
             return code
+    while kind == "places":
+        name = rng.choice(place_names())
+        if name not in taken:
+            taken.add(name)
+            return name
     while True:
         words = [("".join(rng.choice(_SYLLABLES) for _ in range(rng.randint(2, 3)))).capitalize()
                  for _ in range(1 if rng.random() < 0.8 else 2)]
@@ -78,10 +107,10 @@ def task_entities(trace: TaskTrace) -> list[str]:
 
 
 def _rewrite(text: str, names_re: re.Pattern[str] | None, mapping: dict[str, str], rng: random.Random,
-             taken: set[str]) -> str:
+             taken: set[str], kind: FakeNames) -> str:
     def name(m: re.Match[str]) -> str:
         if m.group(0) not in mapping:
-            mapping[m.group(0)] = fake_name(rng, taken, m.group(0))
+            mapping[m.group(0)] = fake_name(rng, taken, m.group(0), kind)
         return mapping[m.group(0)]
 
     def number(m: re.Match[str]) -> str:
@@ -94,9 +123,12 @@ def _rewrite(text: str, names_re: re.Pattern[str] | None, mapping: dict[str, str
     return _NUMBER.sub(number, text)
 
 
-def fake_entity_copy(conv: Conversation, entities: list[str], seed: str) -> Conversation:
-    """`conv` with `entities` and large numbers renamed consistently (see module doc); system prompts
-    and tool definitions are left as they are."""
+def fake_entity_copy(conv: Conversation, entities: list[str], seed: str,
+                     names: FakeNames = "syllables") -> Conversation:
+    """`conv` with `entities` and large numbers renamed consistently (see module doc; `names` picks how
+    fake names are made, see `fake_name`); system prompts and tool definitions are left as they are."""
+    if names not in FAKE_NAME_KINDS:
+        raise ValueError(f"fake names {names!r}: choose from {list(FAKE_NAME_KINDS)}")
     rng = random.Random(seed)
     names_re = (re.compile(r"(?<!\w)(?:" + "|".join(re.escape(e) for e in entities) + r")(?!\w)")
                 if entities else None)
@@ -104,7 +136,7 @@ def fake_entity_copy(conv: Conversation, entities: list[str], seed: str) -> Conv
     taken: set[str] = set(entities)
 
     def fix(text: str) -> str:
-        return _rewrite(text, names_re, mapping, rng, taken)
+        return _rewrite(text, names_re, mapping, rng, taken, names)
 
     messages: list[dict[str, Any]] = []
     for m in conv.messages:

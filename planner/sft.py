@@ -34,7 +34,8 @@ from model_shards.model import KimiK2ForCausalLM
 from model_shards.tokenizer import load_tokenizer
 from model_shards.bpe import TOKENIZER_FILES, train_bpe, write_tokenizer_dir
 from model_shards.chat_template import render_segments
-from planner.copy_pretrain import MAX_K, MIN_K, copy_batch, copy_loss, text_token_ids
+from planner.copy_pretrain import (MAX_K, MIN_K, RECALL_MAX_K, RECALL_MIN_K, copy_batch, copy_loss, recall_batch,
+                                   recall_loss, text_token_ids)
 from planner.traces import KINDS, Conversation, EncodedExample, encode_conversation, length_stats, synthesize
 
 STATE_FILE = "train_state.pt"
@@ -70,6 +71,12 @@ class SFTConfig(BaseModel):
     # Extra copies of every training conversation with its entities renamed (planner.augment): a
     # memorised fact cannot predict them, so they teach copying from the search results.
     fake_entity_copies: int = Field(0, ge=0, le=8)
+    # How fake names are made (planner.augment.fake_name): "places" draws real train-split city names,
+    # which cannot be guessed; "syllables" ones have a learnable shape the model starts inventing.
+    fake_names: Literal["syllables", "places"] = "syllables"
+    # Train on the renamed copies only: a real train-split name in the training data is one the model
+    # can recall instead of copy, and that habit is what fails on held-out countries.
+    fake_only: bool = False
     # Start from this checkpoint's weights (fresh optimizer) instead of a random init; its tokenizer
     # directory is then the run's tokenizer.
     init_from: str | None = None
@@ -78,6 +85,9 @@ class SFTConfig(BaseModel):
     # skill fade before the traces need it. 0 = off.
     copy_mix_weight: float = Field(0.0, ge=0)
     copy_mix_batch: int = Field(32, ge=1)
+    # 0: the short rows `BOS x1..xk SEP x1..xk`; L: rows of L tokens with repeats at random places and
+    # distances (copy_pretrain.recall_batch), the copying a sub-agent does hundreds of positions in.
+    copy_mix_length: int = Field(0, ge=0)
     # The shipped checkpoint's dtype: bfloat16 halves it (the small preset is ~73 MB in float32).
     save_dtype: Literal["float32", "bfloat16"] = "float32"
     threads: int | None = Field(None, ge=1)
@@ -138,11 +148,15 @@ def build_data(cfg: SFTConfig, max_len: int, out_dir: Path | None = None) -> tup
         traces = synthesized["train"][0]
         for tr in traces:
             entities = task_entities(tr)
-            tr.conversations += [fake_entity_copy(c, entities, f"{cfg.seed}/{c.task_id}/{i}/{k}")
-                                 for i, c in enumerate(list(tr.conversations)) if c.kind in cfg.kinds
-                                 for k in range(cfg.fake_entity_copies)]
-        eval_fake = [encode_conversation(fake_entity_copy(c, task_entities(tr), f"eval/{c.task_id}/{i}"), tok)
+            fakes = [fake_entity_copy(c, entities, f"{cfg.seed}/{c.task_id}/{i}/{k}", cfg.fake_names)
+                     for i, c in enumerate(list(tr.conversations)) if c.kind in cfg.kinds
+                     for k in range(cfg.fake_entity_copies)]
+            tr.conversations = fakes if cfg.fake_only else tr.conversations + fakes
+        eval_fake = [encode_conversation(fake_entity_copy(c, task_entities(tr), f"eval/{c.task_id}/{i}",
+                                                          cfg.fake_names), tok)
                      for tr in synthesized["eval"][0] for i, c in enumerate(tr.conversations) if c.kind in cfg.kinds]
+    elif cfg.fake_only:
+        raise ValueError("--fake-only needs --fake-entity-copies >= 1 (it trains on the renamed copies only)")
     else:
         eval_fake = []
     out: dict[str, list[EncodedExample]] = {}
@@ -225,6 +239,10 @@ def masked_lm_loss(model: KimiK2ForCausalLM, ids: torch.Tensor, mask: torch.Tens
 def _copy_mix_loss(model: KimiK2ForCausalLM, tok: Any, cfg: SFTConfig, step: int) -> tuple[torch.Tensor, float]:
     """The copy warm-up's loss on a batch drawn from (seed, step) alone, so a resumed run sees the same batches."""
     gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+    if cfg.copy_mix_length:
+        ids, mask = recall_batch(gen, cfg.copy_mix_batch, cfg.copy_mix_length, text_token_ids(tok), tok.special["[BOS]"],
+                                 RECALL_MIN_K, RECALL_MAX_K)
+        return recall_loss(model, ids, mask)
     k = int(torch.randint(MIN_K, MAX_K + 1, (1,), generator=gen))
     ids = copy_batch(gen, cfg.copy_mix_batch, k, text_token_ids(tok), tok.special["[BOS]"], tok.special["<|im_middle|>"])
     return copy_loss(model, ids, k)
@@ -303,7 +321,10 @@ def _argv_of(cfg: SFTConfig) -> list[str]:
         if v is None or k == "threads":
             continue
         flag = "--" + k.replace("_", "-")
-        out += [flag, *map(str, v)] if isinstance(v, list) else [flag, str(v)]
+        if isinstance(v, bool):
+            out += [flag] if v else []
+        else:
+            out += [flag, *map(str, v)] if isinstance(v, list) else [flag, str(v)]
     return out
 
 
@@ -316,8 +337,10 @@ class SFTResult:
     eval_losses: list[tuple[int, float]]
 
 
-def train(cfg: SFTConfig, resume: bool = False, data: SFTData | None = None) -> SFTResult:
-    """Runs (or resumes) one SFT run; returns where it wrote and the loss trajectory."""
+def train(cfg: SFTConfig, resume: bool = False, data: SFTData | None = None, stop_after: int | None = None) -> SFTResult:
+    """Runs (or resumes) one SFT run; returns where it wrote and the loss trajectory. `stop_after`
+    ends it early at that step (saved, resumable: the schedule still runs to cfg.steps), so a run that
+    was continued with other settings can be reproduced command by command."""
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     out = Path(cfg.out)
@@ -351,7 +374,10 @@ def train(cfg: SFTConfig, resume: bool = False, data: SFTData | None = None) -> 
         if not state_path.is_file():
             raise FileNotFoundError(f"--resume: no {STATE_FILE} in {out}")
         state = torch.load(state_path, weights_only=False)
-        if state["config"] != cfg.model_dump(mode="json", exclude={"steps", "threads"}):
+        # Options added after a run started are compared at their defaults (the run did not use them).
+        stored = {k: state["config"].get(k, SFTConfig.model_fields[k].get_default(call_default_factory=True))
+                  for k in SFTConfig.model_fields if k not in ("steps", "threads")}
+        if stored != cfg.model_dump(mode="json", exclude={"steps", "threads"}):
             raise ValueError(f"--resume: {state_path} was written with a different configuration")
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
@@ -373,7 +399,8 @@ def train(cfg: SFTConfig, resume: bool = False, data: SFTData | None = None) -> 
     eval_losses: list[tuple[int, float]] = []
     eval_loss: float | None = None
     t0 = time.perf_counter()
-    while step < cfg.steps:
+    end = cfg.steps if stop_after is None else min(cfg.steps, stop_after)
+    while step < end:
         batch = next(stream)
         ids, mask, valid = collate(batch, pad_id)
         lr = lr_at(step, cfg)
@@ -407,7 +434,7 @@ def train(cfg: SFTConfig, resume: bool = False, data: SFTData | None = None) -> 
             if fake is not None:
                 rec["eval_fake_loss"], rec["eval_fake_accuracy"] = round(fake[0], 5), round(fake[1], 5)
         _log(log_path, rec)
-        if step % cfg.save_every == 0 or step == cfg.steps:
+        if step % cfg.save_every == 0 or step == end:
             torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step,
                         "rng": torch.get_rng_state(),
                         "config": cfg.model_dump(mode="json", exclude={"steps", "threads"})}, state_path)
@@ -415,7 +442,7 @@ def train(cfg: SFTConfig, resume: bool = False, data: SFTData | None = None) -> 
     return SFTResult(out, step, first_loss, last_loss, eval_losses)
 
 
-def parse_args(argv: list[str] | None = None) -> tuple[SFTConfig, bool]:
+def parse_args(argv: list[str] | None = None) -> tuple[SFTConfig, bool, int | None]:
     p = argparse.ArgumentParser(prog="python -m planner.sft", description=__doc__.split("\n\n")[0])
     p.add_argument("--preset", default="small", help="model_shards ModelConfig preset: small or tiny")
     p.add_argument("--out", required=True, help="output directory (checkpoint, logs, train state)")
@@ -437,20 +464,28 @@ def parse_args(argv: list[str] | None = None) -> tuple[SFTConfig, bool]:
     p.add_argument("--tokenizer", default="byte:512", help='"byte:VOCAB", a tokenizer dir, or "bpe:MERGES" (trained on the traces)')
     p.add_argument("--context-loss-weight", type=float, default=0.0)
     p.add_argument("--fake-entity-copies", type=int, default=0, help="renamed-entity copies per conversation")
+    p.add_argument("--fake-names", default="syllables", choices=["syllables", "places"],
+                   help="fake names: pronounceable syllables, or real train-split city names drawn at random")
+    p.add_argument("--fake-only", action="store_true", help="train on the renamed copies only (no real train names)")
     p.add_argument("--init-from", default=None, help="start from this checkpoint dir (weights and tokenizer)")
     p.add_argument("--copy-mix-weight", type=float, default=0.0, help="weight of a copy-task loss added every step (0 = off)")
-    p.add_argument("--copy-mix-batch", type=int, default=32, help="random spans in that copy batch")
+    p.add_argument("--copy-mix-batch", type=int, default=32, help="rows in that copy batch")
+    p.add_argument("--copy-mix-length", type=int, default=0,
+                   help="0: short copy rows; L: L-token rows with repeats at random distances (copy_pretrain.recall_batch)")
     p.add_argument("--save-dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--resume", action="store_true", help="continue from OUT/train_state.pt")
+    p.add_argument("--stop-after", type=int, default=None,
+                   help="end at this step (saved and resumable; the lr schedule still runs to --steps)")
     a = vars(p.parse_args(argv))
     resume = a.pop("resume")
-    return SFTConfig(**a), resume
+    stop_after = a.pop("stop_after")
+    return SFTConfig(**a), resume, stop_after
 
 
 def main(argv: list[str] | None = None) -> int:
-    cfg, resume = parse_args(argv)
-    res = train(cfg, resume=resume)
+    cfg, resume, stop_after = parse_args(argv)
+    res = train(cfg, resume=resume, stop_after=stop_after)
     print(json.dumps({"out": str(res.out), "steps": res.steps, "first_loss": res.first_loss,
                       "last_loss": res.last_loss, "eval_losses": res.eval_losses}))
     return 0

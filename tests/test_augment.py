@@ -9,7 +9,8 @@ import re
 import pytest
 
 from planner.envs.widegeo import task_subject
-from planner.augment import fake_entity_copy, fake_name, fake_number, task_entities
+from planner.augment import fake_entity_copy, fake_name, fake_number, place_names, task_entities
+from planner.envs.geodata import fold, load_geodata, split_of_country
 from planner.envs import get_env
 from planner.traces import synthesize
 
@@ -69,3 +70,28 @@ def test_fake_copies_rename_every_entity_consistently(traces):
                 assert cells and all(c in seen for c in cells if c), answer
                 checked += 1
     assert checked >= 3
+
+
+def test_place_names_are_train_split_cities_and_never_a_test_entity():
+    data = load_geodata()
+    pool = place_names()
+    assert len(pool) > 10_000 and len(set(pool)) == len(pool)
+    test = {fold(c.name) for c in data.countries.values() if split_of_country(data, c.iso) == "test"}
+    test |= {fold(c.name) for c in data.cities.values() if split_of_country(data, c.country) == "test"}
+    assert not test & {fold(n) for n in pool}
+    assert "Aachen" in pool and "Gaborone" not in pool  # a German city; Botswana's capital is held out
+
+
+def test_place_fake_names_are_drawn_from_the_pool_and_unique(traces):
+    rng, taken = random.Random(1), set()
+    names = [fake_name(rng, taken, kind="places") for _ in range(200)]
+    assert len(set(names)) == 200 and set(names) <= set(place_names())
+    tr = traces[0]
+    entities = task_entities(tr)
+    conv = next(c for c in tr.conversations if c.kind == "subagent")
+    fake = fake_entity_copy(conv, entities, "p/0", names="places")
+    joined = "\n".join(t for _, t in _texts(fake))
+    assert not any(re.search(r"(?<!\w)" + re.escape(e) + r"(?!\w)", joined) for e in entities)
+    assert any(n in joined for n in place_names())  # the subject now reads as some train-split city
+    with pytest.raises(ValueError, match="fake names 'emoji'"):
+        fake_entity_copy(conv, entities, "p/0", names="emoji")  # type: ignore[arg-type]

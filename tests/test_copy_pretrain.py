@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 
 from model_shards.bpe import train_bpe, write_tokenizer_dir
@@ -12,7 +13,7 @@ from model_shards.checkpoint import load_checkpoint
 from model_shards.config import ModelConfig
 from model_shards.model import KimiK2ForCausalLM
 from model_shards.tokenizer import load_tokenizer
-from planner.copy_pretrain import copy_batch, copy_loss, main
+from planner.copy_pretrain import copy_batch, copy_loss, main, recall_batch, recall_loss
 
 
 def test_batches_repeat_their_tokens_and_the_loss_covers_only_the_copy():
@@ -67,3 +68,85 @@ def test_unembedding_starts_as_a_copy_of_the_embedding(tmp_path):
     assert copied.lm_head.weight is not copied.model.embed_tokens.weight
     assert torch.allclose(copied.lm_head.weight, copied.model.embed_tokens.weight, atol=1e-6)
     assert not torch.allclose(fresh.lm_head.weight, fresh.model.embed_tokens.weight, atol=1e-3)
+
+
+def test_recall_rows_repeat_earlier_spans_anywhere_and_the_mask_marks_them():
+    gen = torch.Generator().manual_seed(3)
+    ids, mask = recall_batch(gen, 6, 400, torch.arange(32, 3000), bos=1, min_k=4, max_k=12)
+    assert ids.shape == mask.shape == (6, 400) and (ids[:, 0] == 1).all()
+    assert 0.2 < float(mask.float().mean()) < 0.7  # about half of each row is repeats
+    distances = []
+    for row, m in zip(ids.tolist(), mask.tolist()):
+        j = 0
+        while j < len(m):
+            if not m[j]:
+                j += 1
+                continue
+            end = j
+            while end < len(m) and m[end]:
+                end += 1
+            span = row[j - 1:end]  # the repeat's unmasked first token, then its masked rest
+            starts = [s for s in range(1, j - 1) if row[s:s + len(span)] == span]
+            assert starts, "a masked run repeats an earlier span of the row"
+            distances.append(j - 1 - starts[-1])
+            j = end
+    # Sources lie at many distances, far ones included: what the short rows never teach.
+    assert max(distances) > 150 and min(distances) < 100
+    torch.manual_seed(0)
+    model = KimiK2ForCausalLM(ModelConfig.preset("tiny"), dtype=torch.float32)
+    ids, mask = recall_batch(gen, 2, 100, torch.arange(32, 500), bos=1, min_k=4, max_k=12)  # the tiny vocabulary
+    loss, acc = recall_loss(model, ids, mask)
+    logits = model.forward_logits(ids)[:, :-1]
+    m = mask[:, 1:].bool()
+    assert torch.allclose(loss, torch.nn.functional.cross_entropy(logits[m], ids[:, 1:][m])) and 0 <= acc <= 1
+
+
+def test_long_rows_from_the_cli(tmp_path):
+    texts = ["Capital of Peru: Lima. Population of Peru: 29,381,884."] * 40
+    tok_dir = write_tokenizer_dir(train_bpe(texts, 50, min_frequency=5), tmp_path / "tok")
+    out = tmp_path / "recall"
+    args = ["--tokenizer-from", str(tok_dir), "--out", str(out), "--preset", "tiny", "--steps", "2", "--batch", "2",
+            "--min-k", "4", "--max-k", "8", "--distinct", "20", "--threads", "2"]
+    assert main(args + ["--length", "128"]) == 0
+    assert len((out / "copy_log.jsonl").read_text().splitlines()) == 2
+    with pytest.raises(SystemExit, match="too short"):
+        main(args + ["--length", "10"])
+
+
+def test_kv_rows_ask_for_values_stated_earlier():
+    from planner.copy_pretrain import kv_batch
+
+    gen = torch.Generator().manual_seed(5)
+    colon, stop = 7, 8
+    ids, mask = kv_batch(gen, 3, 600, torch.arange(32, 3000), bos=1, colon=colon, stop=stop)
+    assert ids.shape == mask.shape == (3, 600) and (ids[:, 0] == 1).all()
+    for row, m in zip(ids.tolist(), mask.tolist()):
+        first_q = m.index(1)
+        stated: dict[tuple[int, ...], list[int]] = {}
+        j = 1
+        while j < first_q:  # the records: key tokens, ':', value tokens, '.'
+            c = row.index(colon, j)
+            e = row.index(stop, c)
+            stated[tuple(row[j:c])] = row[c + 1:e]
+            j = e + 1
+        assert len(stated) >= 8
+        answered = 0
+        while j < len(row):  # the questions: the masked value is the stated one, first token included
+            if colon not in row[j:] or stop not in row[row.index(colon, j):]:
+                break  # the last question may be cut off
+            c = row.index(colon, j)
+            e = row.index(stop, c)
+            assert row[c + 1:e] == stated[tuple(row[j:c])] and all(m[c + 1:e + 1]) and not any(m[j:c + 1])
+            answered += 1
+            j = e + 1
+        assert answered >= 10
+
+
+def test_kv_rows_from_the_cli(tmp_path):
+    texts = ["Capital of Peru: Lima. Population of Peru: 29,381,884."] * 40
+    tok_dir = write_tokenizer_dir(train_bpe(texts, 50, min_frequency=5), tmp_path / "tok")
+    args = ["--tokenizer-from", str(tok_dir), "--out", str(tmp_path / "kv"), "--preset", "tiny", "--steps", "2",
+            "--batch", "2", "--min-k", "4", "--max-k", "8", "--distinct", "20", "--threads", "2"]
+    assert main(args + ["--length", "200", "--kv"]) == 0
+    with pytest.raises(SystemExit, match="--kv needs --length"):
+        main(args + ["--kv"])

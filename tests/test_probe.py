@@ -6,7 +6,8 @@ import pytest
 
 from planner.envs import get_env
 from planner.envs.widegeo import task_subject
-from planner.probe import ProbeResult, main, probe
+from model_shards.tokenizer import ByteTokenizer
+from planner.probe import ProbeResult, fact_token_mask, main, probe, teacher_forced
 
 
 def test_probe_runs_the_engine_and_checks_the_subject(tiny_ckpt: str, capsys: pytest.CaptureFixture[str]) -> None:
@@ -18,3 +19,32 @@ def test_probe_runs_the_engine_and_checks_the_subject(tiny_ckpt: str, capsys: py
     assert ProbeResult("t", "Botswana", "search Botswana cities").copied_subject
     assert main(["--checkpoint", tiny_ckpt, "--tasks", "99"]) == 2
     assert "outside the eval set" in capsys.readouterr().err
+
+
+def test_fact_tokens_are_the_ones_inside_names_and_grouped_numbers() -> None:
+    tok = ByteTokenizer()
+    text = "| Gaborone | 208,411 | BWP 12 |"
+    ids = tok.encode(text)
+    mask = fact_token_mask(tok, ids, ["Gaborone"])
+    marked = "".join(ch for ch, m in zip(text, mask) if m)  # byte tokens: one per character here
+    assert marked == "Gaborone208,411"  # the bare "12" is not a fact, the grouped number is
+
+
+def test_teacher_forced_scores_the_held_out_oracle_traces(tiny_ckpt: str, capsys: pytest.CaptureFixture[str]) -> None:
+    (score,) = teacher_forced(tiny_ckpt, ["orchestrator_plan"], [25, 29])
+    assert score.kind == "orchestrator_plan" and score.conversations >= 1
+    # A random tiny model: loss near ln(vocab), accuracy near chance, and some facts to copy.
+    assert 4.0 < score.loss < 9.0 and 0.0 <= score.accuracy < 0.2 and score.fact_tokens > 0
+    assert 0 < score.first_tokens < score.fact_tokens and 0.0 <= score.first_accuracy <= 1.0
+    assert main(["--checkpoint", tiny_ckpt, "--teacher-forced", "--kinds", "orchestrator_plan", "--tasks", "25"]) == 0
+    out = capsys.readouterr().out
+    assert "orchestrator_plan" in out and "fact acc" in out and "first acc" in out
+
+
+def test_copy_positions_reports_each_setting(tiny_ckpt: str, capsys: pytest.CaptureFixture[str]) -> None:
+    from planner.probe import copy_at_positions
+
+    res = copy_at_positions(tiny_ckpt, ((0, 0), (50, 20)), rows=2, k=6)
+    assert [(p, g) for p, g, _ in res] == [(0, 0), (50, 20)] and all(0.0 <= a <= 1.0 for *_, a in res)
+    assert main(["--checkpoint", tiny_ckpt, "--copy-positions"]) == 0
+    assert "copy acc" in capsys.readouterr().out

@@ -25,6 +25,7 @@ from planner.sft import (
     lr_at,
     make_batches,
     masked_lm_loss,
+    _argv_of,
     parse_args,
     train,
 )
@@ -91,6 +92,15 @@ def test_resume_matches_an_uninterrupted_run(tmp_path, data):
     assert all(torch.equal(a[k], b[k]) for k in a)
     with pytest.raises(ValueError, match="different configuration"):
         train(_cfg(tmp_path / "split", 5).model_copy(update={"lr": 0.5}), resume=True, data=data)
+    # --stop-after ends a run early on the full run's schedule; resuming it gives the same weights.
+    stopped = train(_cfg(tmp_path / "stopped", 4), data=data, stop_after=1)
+    assert stopped.steps == 1 and torch.load(tmp_path / "stopped" / STATE_FILE, weights_only=False)["step"] == 1
+    assert train(_cfg(tmp_path / "stopped", 4), resume=True, data=data).last_loss == whole.last_loss
+    # A state written before an option existed resumes when the option is at its default.
+    state = torch.load(tmp_path / "stopped" / STATE_FILE, weights_only=False)
+    del state["config"]["copy_mix_length"]
+    torch.save(state, tmp_path / "stopped" / STATE_FILE)
+    assert train(_cfg(tmp_path / "stopped", 5), resume=True, data=data).steps == 5
 
 
 def test_masked_loss_ignores_unmasked_targets():
@@ -123,10 +133,29 @@ def test_schedule_batches_and_cli(tmp_path, data):
     ids, mask, valid = collate([data.train[0], data.train[1]], pad_id=270)
     assert ids.shape == mask.shape == valid.shape and mask.sum() == sum(data.train[0].mask) + sum(data.train[1].mask)
     assert valid.sum() == len(data.train[0]) + len(data.train[1])
-    parsed, resume = parse_args(["--preset", "tiny", "--out", str(tmp_path), "--steps", "7", "--kinds", "subagent", "--resume"])
-    assert parsed.steps == 7 and parsed.kinds == ["subagent"] and resume
+    parsed, resume, stop = parse_args(["--preset", "tiny", "--out", str(tmp_path), "--steps", "7", "--kinds", "subagent",
+                                       "--resume", "--stop-after", "3"])
+    assert parsed.steps == 7 and parsed.kinds == ["subagent"] and resume and stop == 3
     with pytest.raises(SystemExit):
         parse_args(["--out", str(tmp_path), "--kinds", "bogus"])
+    # The recorded command (policy.json) parses back to the same config, boolean flags included.
+    fake = parse_args(["--out", str(tmp_path), "--fake-entity-copies", "2", "--fake-only", "--fake-names", "places"])[0]
+    assert fake.fake_only and fake.fake_names == "places"
+    assert parse_args(_argv_of(fake))[0] == fake and parse_args(_argv_of(cfg))[0].fake_only is False
+
+
+def test_fake_only_trains_on_renamed_copies_alone(tmp_path):
+    base = dict(preset="tiny", out=str(tmp_path), train_tasks=3, eval_tasks=2, data_seed=4, kinds=["orchestrator_plan"])
+    plain, tok = build_data(SFTConfig(**base), 4096)
+    fake, _ = build_data(SFTConfig(**base, fake_entity_copies=2, fake_only=True, fake_names="places"), 4096)
+    assert all(e.task_id.endswith("#fake") for e in fake.train) and len(fake.train) == 2 * len(plain.train)
+    assert fake.eval == plain.eval and len(fake.eval_fake) == len(plain.eval)  # real and renamed held-out sets
+    text = "".join(tok.decode(e.ids) for e in fake.train)
+    prompts = [t.prompt for t in get_env("widegeo").tasks("train", 3, 4)]
+    assert all(p in "".join(tok.decode(e.ids) for e in plain.train) for p in prompts)
+    assert not any(p in text for p in prompts)  # no real train task is left in the training data
+    with pytest.raises(ValueError, match="--fake-only needs --fake-entity-copies"):
+        build_data(SFTConfig(**base, fake_only=True), 4096)
 
 
 def test_bfloat16_save_halves_the_checkpoint_and_keeps_the_model(tmp_path, data):
@@ -235,3 +264,14 @@ def test_copy_mix_adds_a_copy_loss_that_resumes_identically(tmp_path, data):
     assert resumed.last_loss == mixed.last_loss
     again = [json.loads(line) for line in (tmp_path / "split" / LOG_FILE).read_text().splitlines()][1:]
     assert [r["copy_loss"] for r in again] == [r["copy_loss"] for r in log]
+
+
+def test_copy_mix_with_long_rows(tmp_path, data):
+    short = _cfg(tmp_path / "short", 2).model_copy(update={"copy_mix_weight": 0.5, "copy_mix_batch": 2})
+    long_ = short.model_copy(update={"out": str(tmp_path / "long"), "copy_mix_length": 96})
+    train(short, data=data)
+    train(long_, data=data)
+    logs = [[json.loads(line) for line in (tmp_path / d / LOG_FILE).read_text().splitlines()][1:] for d in ("short", "long")]
+    assert all(r["copy_loss"] > 0 for log in logs for r in log)
+    assert [r["copy_loss"] for r in logs[0]] != [r["copy_loss"] for r in logs[1]]  # other rows, other loss
+    assert parse_args(_argv_of(long_))[0].copy_mix_length == 96

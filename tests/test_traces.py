@@ -171,6 +171,18 @@ def test_test_tasks_are_refused(env):
         TraceBuilder(env).build(test_task)
 
 
+def test_test_tasks_can_be_traced_for_measurement_only(env):
+    # planner.probe --teacher-forced scores a policy on the held-out tasks' oracle traces.
+    tasks = env.eval_set()[:6]
+    traces, report = synthesize(env, tasks, allow_test=True)
+    assert report.tasks_used >= 4 and report.leaky_conversations == 0
+    for tr in traces:
+        assert tr.task.split == "test" and tr.conversations
+        final = [m["content"] for c in tr.conversations if c.kind == "orchestrator_tools" for m in c.messages
+                 if m["role"] == "assistant" and m.get("content")][-1:]
+        assert all(env.score(tr.task, f).item_f1 == 1.0 for f in final)
+
+
 def test_length_stats_report_every_kind(traced):
     tok = ByteTokenizer()
     examples = [encode_conversation(c, tok) for c in _convs(traced)]
