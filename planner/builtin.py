@@ -46,10 +46,12 @@ _ENGINES: dict[str, Any] = {}  # engine actor name -> its handle, for the engine
 TRAIN_HELP = """\
 No policy to run the agents on: {problem}.
 
-The built-in policy is not shipped yet (training it on CPU is work in progress; docs/policy.md has
-the pipeline and its status). Train one into the directory the demo reads, e.g.:
+The built-in policy is not shipped yet (training it on CPU is work in progress;
+docs/policy.md has the pipeline and its status). One script runs every stage
+(python -m planner.sft and copy_pretrain runs, ~3 hours on 2 cores) and
+writes the policy into the directory the demo reads:
 
-  python -m planner.sft --preset small --out planner/builtin_policy --steps N --seed S
+  scripts/train_builtin_policy.sh checkpoints/builtin-run planner/builtin_policy
 
 or run on another checkpoint directory with --checkpoint DIR, or on any OpenAI-compatible endpoint:
 

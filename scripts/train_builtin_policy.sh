@@ -1,0 +1,81 @@
+#!/usr/bin/env bash
+# Reproduces the built-in policy from nothing: every stage's exact command, in order (docs/policy.md
+# explains each stage and what it measured). About 3 hours on 2 CPU cores.
+#
+#   scripts/train_builtin_policy.sh [WORK_DIR [DEST]]
+#
+# WORK_DIR (default checkpoints/builtin-run) holds every stage; when DEST is given (planner/builtin_policy
+# is what `swarm demo` runs) the last one is copied there with the logs of all stages. Stages that
+# already finished are skipped, so the script can be run again after an interruption (an interrupted
+# SFT stage resumes from its last save).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+W="${1:-checkpoints/builtin-run}"
+DEST="${2:-}"
+PY="${PYTHON:-python}"
+mkdir -p "$W"
+
+COMMON=(--preset small --seed 0 --batch-tokens 16384 --train-tasks 400 --eval-tasks 30 --data-seed 0
+        --context-loss-weight 0.1 --eval-every 30 --save-every 30 --save-dtype bfloat16 --threads 2)
+
+done_at() {  # the step a stage's policy.json records (0 when none)
+  "$PY" -c "import json,sys; print(json.load(open(sys.argv[1])).get('step') or 0)" "$1/policy.json" 2>/dev/null || echo 0
+}
+
+sft_stage() {  # OUT STOP_AFTER ARGS...: run or resume an SFT stage up to STOP_AFTER
+  local out="$1" stop="$2"; shift 2
+  if [ "$(done_at "$out")" -ge "$stop" ]; then echo "== $out: done (step $stop)"; return; fi
+  local resume=()
+  [ -f "$out/train_state.pt" ] && resume=(--resume)
+  echo "== $out: SFT to step $stop"
+  "$PY" -m planner.sft "${COMMON[@]}" --out "$out" --stop-after "$stop" "$@" "${resume[@]}"
+}
+
+# 1. The vocabulary: a byte-level BPE of 3,000 merges trained on the training traces (the run writes
+#    it before its first step; only the tokenizer of this stage is used downstream).
+sft_stage "$W/stage1" 1 --steps 720 --lr 2e-3 --warmup 30 --tokenizer bpe:3000
+
+# 2. Copy warm-up on short rows, random init: an induction mechanism forms (phase change ~step 700).
+if [ ! -f "$W/copy/model.safetensors" ]; then
+  echo "== $W/copy: copy warm-up"
+  "$PY" -m planner.copy_pretrain --tokenizer-from "$W/stage1" --out "$W/copy" --steps 1000 \
+      --distinct 100 1600 --lr 1e-3 --seed 0 --threads 2
+fi
+
+# 3. SFT on all conversation kinds with one syllable-named fake copy each, plus short copy rows. It was
+#    run as 210 steps of a 330-step schedule, then continued on a 1,000-step schedule to step 390.
+A=(--lr 1.5e-3 --warmup 20 --init-from "$W/copy" --fake-entity-copies 1 --copy-mix-weight 0.3 --copy-mix-batch 32)
+sft_stage "$W/sft-a" 210 --steps 330 "${A[@]}"
+if [ "$(done_at "$W/sft-a")" -lt 390 ]; then
+  echo "== $W/sft-a: continued to step 390 on a 1,000-step schedule"
+  "$PY" -m planner.sft "${COMMON[@]}" --out "$W/sft-a" --steps 1000 "${A[@]}" --resume --stop-after 390
+fi
+
+# 4. Long-row recall: the copy mechanism of stage 2 works only near the start of a sequence; 200 steps
+#    of 1,024-token rows with repeats at any distance carry it to every position.
+if [ ! -f "$W/recall/model.safetensors" ]; then
+  echo "== $W/recall: long-row recall"
+  "$PY" -m planner.copy_pretrain --tokenizer-from "$W/sft-a" --init-from "$W/sft-a" --out "$W/recall" \
+      --steps 200 --batch 8 --length 1024 --min-k 4 --max-k 24 --distinct 3200 --lr 1e-3 --seed 0 --threads 2
+fi
+
+# 5. SFT on sub-agent, plan and aggregation conversations whose entities are all renamed to random
+#    train-split city names (nothing to recall, everything to copy), with long copy rows mixed in.
+sft_stage "$W/sft-b" 240 --steps 240 --lr 1e-3 --warmup 10 --init-from "$W/recall" \
+    --fake-entity-copies 2 --fake-only --fake-names places --kinds subagent orchestrator_plan aggregate \
+    --copy-mix-weight 0.3 --copy-mix-batch 2 --copy-mix-length 2048
+
+# Ship: the checkpoint, its tokenizer, policy.json (the last stage's command and config) and every
+# stage's log; not train_state.pt (optimizer state, 5x the weights).
+if [ -z "$DEST" ]; then echo "policy: $W/sft-b"; exit 0; fi
+mkdir -p "$DEST/logs"
+for f in config.json model.safetensors generation_config.json tiktoken.model tokenizer_config.json policy.json \
+         train_log.jsonl; do
+  cp "$W/sft-b/$f" "$DEST/$f"
+done
+cp "$W/stage1/train_log.jsonl" "$DEST/logs/1-stage1_train_log.jsonl"
+cp "$W/copy/copy_log.jsonl" "$DEST/logs/2-copy_log.jsonl"
+cp "$W/sft-a/train_log.jsonl" "$DEST/logs/3-sft-a_train_log.jsonl"
+cp "$W/recall/copy_log.jsonl" "$DEST/logs/4-recall_log.jsonl"
+cp "$W/sft-b/train_log.jsonl" "$DEST/logs/5-sft-b_train_log.jsonl"
+echo "policy: $W/sft-b, shipped to $DEST"
