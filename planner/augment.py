@@ -19,7 +19,7 @@ import random
 import re
 from dataclasses import replace
 from functools import lru_cache
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from planner.envs.geodata import fold, load_geodata, split_of_country
 from planner.envs.widegeo import task_subject
@@ -29,13 +29,13 @@ _SYLLABLES = ("ba", "ko", "ri", "ta", "mu", "se", "lo", "na", "vi", "de", "go", 
               "an", "er", "is", "un", "ma", "te", "ro", "su", "fa", "ne", "li", "do", "ka", "bu")
 # Only digit-grouped numbers (the corpus writes every count from 1,000 up so): a bare "4217" (ISO 4217)
 # or a rank is part of the task's wording, not a fact.
-_NUMBER = re.compile(r"(?<![\w.,])\d{1,3}(?:,\d{3})+(?![\w,])")
+GROUPED_NUMBER = re.compile(r"(?<![\w.,])\d{1,3}(?:,\d{3})+(?![\w,])")
 _CODE = re.compile(r"[A-Z]{3}")  # ISO 4217 currency codes get fake codes of the same shape
 _LIST_ITEM_MIN = 3  # characters: shorter list items are not taken for names
 _PLACE_NAME = re.compile(r"[A-Z][A-Za-z' -]{2,19}")
 
 FakeNames = Literal["syllables", "places"]
-FAKE_NAME_KINDS: tuple[str, ...] = ("syllables", "places")
+FAKE_NAME_KINDS: tuple[str, ...] = get_args(FakeNames)
 
 
 @lru_cache(maxsize=1)
@@ -120,7 +120,7 @@ def _rewrite(text: str, names_re: re.Pattern[str] | None, mapping: dict[str, str
 
     if names_re is not None:
         text = names_re.sub(name, text)
-    return _NUMBER.sub(number, text)
+    return GROUPED_NUMBER.sub(number, text)
 
 
 def fake_entity_copy(conv: Conversation, entities: list[str], seed: str,

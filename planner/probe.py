@@ -39,9 +39,10 @@ from model_shards.checkpoint import load_checkpoint
 from model_shards.tokenizer import load_tokenizer
 from model_shards.engine import build_engine
 from model_shards.engine_api import GenerationRequest, SamplingParams
+from model_shards.model import KimiK2ForCausalLM
 from model_shards.model_runner import RunnerSpec
 from model_shards.structured import tool_call_grammar
-from planner.augment import _NUMBER, task_entities
+from planner.augment import GROUPED_NUMBER, task_entities
 from planner.copy_pretrain import text_token_ids
 from planner.builtin import checkpoint_tokenizer
 from planner.envs import get_env
@@ -70,7 +71,7 @@ def fact_token_mask(tokenizer: Any, ids: list[int], names: list[str]) -> list[bo
     pieces = [tokenizer.token_bytes(i) for i in ids]
     text = b"".join(pieces)
     covered = bytearray(len(text))
-    patterns = [re.escape(n.encode()) for n in names if n] + [_NUMBER.pattern.encode()]
+    patterns = [re.escape(n.encode()) for n in names if n] + [GROUPED_NUMBER.pattern.encode()]
     for m in re.finditer(b"|".join(patterns), text):
         covered[m.start():m.end()] = b"\x01" * (m.end() - m.start())
     out, pos = [], 0
@@ -78,6 +79,31 @@ def fact_token_mask(tokenizer: Any, ids: list[int], names: list[str]) -> list[bo
         out.append(any(covered[pos:pos + len(piece)]))
         pos += len(piece)
     return out
+
+
+@dataclass
+class _Tally:
+    conversations: int = 0
+    loss: float = 0.0
+    hits: int = 0
+    tokens: int = 0
+    fact_hits: int = 0
+    facts: int = 0
+    first_hits: int = 0
+    firsts: int = 0
+
+    def score(self, kind: str) -> KindScore:
+        return KindScore(kind, self.conversations, self.loss / max(1, self.tokens), self.hits / max(1, self.tokens),
+                         self.facts, self.fact_hits / max(1, self.facts), self.firsts,
+                         self.first_hits / max(1, self.firsts))
+
+
+def _load(checkpoint: str) -> tuple[Any, Any, KimiK2ForCausalLM]:
+    """(tokenizer, model config, model in eval mode, float32) of a policy checkpoint."""
+    tok = load_tokenizer(checkpoint_tokenizer(checkpoint))
+    mcfg, model = load_checkpoint(checkpoint, dtype=torch.float32)
+    model.eval()
+    return tok, mcfg, model
 
 
 @torch.no_grad()
@@ -89,10 +115,8 @@ def teacher_forced(checkpoint: str, kinds: list[str] | None = None,
     env = get_env("widegeo")
     tasks = env.eval_set()
     traces, _ = synthesize(env, [tasks[i] for i in task_indices] if task_indices else tasks, allow_test=True)
-    tok = load_tokenizer(checkpoint_tokenizer(checkpoint))
-    mcfg, model = load_checkpoint(checkpoint, dtype=torch.float32)
-    model.eval()
-    sums: dict[str, list[float]] = {}
+    tok, mcfg, model = _load(checkpoint)
+    tallies: dict[str, _Tally] = {}
     for tr in traces:
         names = task_entities(tr)
         for conv in tr.conversations:
@@ -110,18 +134,16 @@ def teacher_forced(checkpoint: str, kinds: list[str] | None = None,
             fact_all = torch.tensor(fact_token_mask(tok, ex.ids, names))
             facts = fact_all[1:] & mask
             firsts = facts & ~fact_all[:-1]  # a fact token whose previous token is not part of a fact
-            s = sums.setdefault(conv.kind, [0, 0.0, 0.0, 0, 0.0, 0, 0.0, 0])
-            s[0] += 1
-            s[1] += float(loss[mask].sum())
-            s[2] += float(hit[mask].sum())
-            s[3] += int(mask.sum())
-            s[4] += float(hit[facts].sum())
-            s[5] += int(facts.sum())
-            s[6] += float(hit[firsts].sum())
-            s[7] += int(firsts.sum())
-    return [KindScore(k, int(s[0]), s[1] / max(1, s[3]), s[2] / max(1, s[3]), int(s[5]), s[4] / max(1, s[5]),
-                      int(s[7]), s[6] / max(1, s[7]))
-            for k, s in sorted(sums.items())]
+            t = tallies.setdefault(conv.kind, _Tally())
+            t.conversations += 1
+            t.loss += float(loss[mask].sum())
+            t.hits += int(hit[mask].sum())
+            t.tokens += int(mask.sum())
+            t.fact_hits += int(hit[facts].sum())
+            t.facts += int(facts.sum())
+            t.first_hits += int(hit[firsts].sum())
+            t.firsts += int(firsts.sum())
+    return [t.score(k) for k, t in sorted(tallies.items())]
 
 
 COPY_POSITIONS = ((0, 0), (100, 0), (400, 0), (1000, 0), (0, 100), (0, 400), (300, 300))
@@ -132,9 +154,7 @@ def copy_at_positions(checkpoint: str, positions: tuple[tuple[int, int], ...] = 
                       k: int = 20, seed: int = 1) -> list[tuple[int, int, float]]:
     """(prefix, gap, accuracy) per setting: rows `BOS prefix x1..xk gap SEP x1..xk` of random tokens,
     accuracy on the copy's tokens after its first."""
-    tok = load_tokenizer(checkpoint_tokenizer(checkpoint))
-    _, model = load_checkpoint(checkpoint, dtype=torch.float32)
-    model.eval()
+    tok, _, model = _load(checkpoint)
     pool = text_token_ids(tok)
     gen = torch.Generator().manual_seed(seed)
     bos, sep = tok.special["[BOS]"], tok.special["<|im_middle|>"]

@@ -36,6 +36,7 @@ from model_shards.bpe import TOKENIZER_FILES, train_bpe, write_tokenizer_dir
 from model_shards.chat_template import render_segments
 from planner.copy_pretrain import (MAX_K, MIN_K, RECALL_MAX_K, RECALL_MIN_K, copy_batch, copy_loss, recall_batch,
                                    recall_loss, text_token_ids)
+from planner.augment import FAKE_NAME_KINDS, FakeNames, fake_entity_copy, task_entities
 from planner.traces import KINDS, Conversation, EncodedExample, encode_conversation, length_stats, synthesize
 
 STATE_FILE = "train_state.pt"
@@ -73,7 +74,7 @@ class SFTConfig(BaseModel):
     fake_entity_copies: int = Field(0, ge=0, le=8)
     # How fake names are made (planner.augment.fake_name): "places" draws real train-split city names,
     # which cannot be guessed; "syllables" ones have a learnable shape the model starts inventing.
-    fake_names: Literal["syllables", "places"] = "syllables"
+    fake_names: FakeNames = "syllables"
     # Train on the renamed copies only: a real train-split name in the training data is one the model
     # can recall instead of copy, and that habit is what fails on held-out countries.
     fake_only: bool = False
@@ -143,8 +144,6 @@ def build_data(cfg: SFTConfig, max_len: int, out_dir: Path | None = None) -> tup
     train_convs = [c for tr in synthesized["train"][0] for c in tr.conversations if c.kind in cfg.kinds]
     tok, tok_report = resolve_tokenizer(cfg, train_convs, out_dir or Path(cfg.out))
     if cfg.fake_entity_copies:
-        from planner.augment import fake_entity_copy, task_entities
-
         traces = synthesized["train"][0]
         for tr in traces:
             entities = task_entities(tr)
@@ -282,6 +281,14 @@ def evaluate(model: KimiK2ForCausalLM, examples: list[EncodedExample], batch_tok
     return None if res is None else res[0]
 
 
+_RUN_LENGTH_FIELDS = {"steps", "threads"}  # a resumed run may change these
+
+
+def _state_config(cfg: SFTConfig) -> dict[str, Any]:
+    """The part of the config a resumed run must share with the saved one."""
+    return cfg.model_dump(mode="json", exclude=_RUN_LENGTH_FIELDS)
+
+
 def _optimizer(model: KimiK2ForCausalLM, cfg: SFTConfig) -> torch.optim.AdamW:
     # No weight decay on norms (1-D weights), as usual for transformers.
     decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
@@ -376,8 +383,8 @@ def train(cfg: SFTConfig, resume: bool = False, data: SFTData | None = None, sto
         state = torch.load(state_path, weights_only=False)
         # Options added after a run started are compared at their defaults (the run did not use them).
         stored = {k: state["config"].get(k, SFTConfig.model_fields[k].get_default(call_default_factory=True))
-                  for k in SFTConfig.model_fields if k not in ("steps", "threads")}
-        if stored != cfg.model_dump(mode="json", exclude={"steps", "threads"}):
+                  for k in SFTConfig.model_fields if k not in _RUN_LENGTH_FIELDS}
+        if stored != _state_config(cfg):
             raise ValueError(f"--resume: {state_path} was written with a different configuration")
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
@@ -437,7 +444,7 @@ def train(cfg: SFTConfig, resume: bool = False, data: SFTData | None = None, sto
         if step % cfg.save_every == 0 or step == end:
             torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step,
                         "rng": torch.get_rng_state(),
-                        "config": cfg.model_dump(mode="json", exclude={"steps", "threads"})}, state_path)
+                        "config": _state_config(cfg)}, state_path)
             save_policy(model, mcfg, cfg, out, step, data.report, eval_loss)
     return SFTResult(out, step, first_loss, last_loss, eval_losses)
 
@@ -464,7 +471,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[SFTConfig, bool, int | No
     p.add_argument("--tokenizer", default="byte:512", help='"byte:VOCAB", a tokenizer dir, or "bpe:MERGES" (trained on the traces)')
     p.add_argument("--context-loss-weight", type=float, default=0.0)
     p.add_argument("--fake-entity-copies", type=int, default=0, help="renamed-entity copies per conversation")
-    p.add_argument("--fake-names", default="syllables", choices=["syllables", "places"],
+    p.add_argument("--fake-names", default="syllables", choices=list(FAKE_NAME_KINDS),
                    help="fake names: pronounceable syllables, or real train-split city names drawn at random")
     p.add_argument("--fake-only", action="store_true", help="train on the renamed copies only (no real train names)")
     p.add_argument("--init-from", default=None, help="start from this checkpoint dir (weights and tokenizer)")
