@@ -14,9 +14,10 @@ content matching (an induction mechanism) solves the task.
 Status (docs/policy.md, "Runs so far"): on short rows, starting from 100 distinct tokens and widening
 (`--distinct 100 1600`) with the unembedding initialised from the embedding, the mechanism forms in a
 phase change around step 700 (accuracy 0.85 by step 1000). But it works only near the start of a
-sequence: after a 100-token prefix its accuracy drops from 0.78 to 0.03, so it never helped on the
+sequence: after a 100-token prefix its accuracy drops from 0.78 to 0.00, so it never helped on the
 traces, where copies happen hundreds of positions in. 200 steps of long rows (`--length 1024`) from a
-model that has it carry it to every position (0.77-0.97 up to position 1,000). The output is a
+model that has it carry it to every position (0.79-0.97 up to position 1,000;
+`python -m planner.probe --copy-positions`). The output is a
 checkpoint with the tokenizer files, ready for `planner.sft --init-from`.
 """
 
@@ -65,7 +66,7 @@ def recall_batch(gen: torch.Generator, batch: int, length: int, pool: torch.Tens
     repeat's first (which cannot be predicted).
 
     Why long rows: the short copy rows teach an induction mechanism that works only near the start of a
-    sequence and at distances below ~50 (measured: accuracy 0.78 at position 0, 0.03 after a 100-token
+    sequence and at distances below ~50 (measured: accuracy 0.78 at position 0, 0.00 after a 100-token
     prefix), while a sub-agent copies names from results hundreds to thousands of positions in."""
     rows, masks = [], []
     for _ in range(batch):

@@ -348,6 +348,8 @@ def train(cfg: SFTConfig, resume: bool = False, data: SFTData | None = None, sto
     """Runs (or resumes) one SFT run; returns where it wrote and the loss trajectory. `stop_after`
     ends it early at that step (saved, resumable: the schedule still runs to cfg.steps), so a run that
     was continued with other settings can be reproduced command by command."""
+    if stop_after is not None and stop_after < 1:
+        raise ValueError(f"--stop-after must be >= 1, got {stop_after}")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     out = Path(cfg.out)

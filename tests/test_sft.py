@@ -95,6 +95,8 @@ def test_resume_matches_an_uninterrupted_run(tmp_path, data):
     # --stop-after ends a run early on the full run's schedule; resuming it gives the same weights.
     stopped = train(_cfg(tmp_path / "stopped", 4), data=data, stop_after=1)
     assert stopped.steps == 1 and torch.load(tmp_path / "stopped" / STATE_FILE, weights_only=False)["step"] == 1
+    with pytest.raises(ValueError, match="--stop-after must be >= 1"):
+        train(_cfg(tmp_path / "never", 4), data=data, stop_after=0)
     assert train(_cfg(tmp_path / "stopped", 4), resume=True, data=data).last_loss == whole.last_loss
     # A state written before an option existed resumes when the option is at its default.
     state = torch.load(tmp_path / "stopped" / STATE_FILE, weights_only=False)
