@@ -13,12 +13,16 @@ is logged. Output: an HF-format checkpoint (model_shards.checkpoint.save_checkpo
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import math
+import pickle
 import random
 import shutil
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +46,7 @@ from planner.traces import KINDS, Conversation, EncodedExample, encode_conversat
 STATE_FILE = "train_state.pt"
 LOG_FILE = "train_log.jsonl"
 POLICY_FILE = "policy.json"
+DATA_CACHE_FILE = "data_cache.pkl"
 
 
 class SFTConfig(BaseModel):
@@ -92,6 +97,11 @@ class SFTConfig(BaseModel):
     # The shipped checkpoint's dtype: bfloat16 halves it (the small preset is ~73 MB in float32).
     save_dtype: Literal["float32", "bfloat16"] = "float32"
     threads: int | None = Field(None, ge=1)
+    # Where the model trains: "auto" is CUDA when torch sees a GPU, else the CPU. Batches are built on
+    # the CPU either way; on CUDA matmuls run in TF32.
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    # Processes that synthesize the traces (the same traces whatever the number; search dominates).
+    synth_workers: int = Field(1, ge=1)
 
 
 @dataclass
@@ -140,7 +150,7 @@ def build_data(cfg: SFTConfig, max_len: int, out_dir: Path | None = None) -> tup
     seen = {t.prompt for t in train_tasks}
     # Held-out tasks: another seed of the train split, minus any prompt the training set has.
     eval_tasks = [t for t in env.tasks("train", cfg.eval_tasks, cfg.data_seed + 1_000_003) if t.prompt not in seen]
-    synthesized = {name: synthesize(env, tasks) for name, tasks in (("train", train_tasks), ("eval", eval_tasks))}
+    synthesized = {name: synthesize(env, tasks, workers=cfg.synth_workers) for name, tasks in (("train", train_tasks), ("eval", eval_tasks))}
     train_convs = [c for tr in synthesized["train"][0] for c in tr.conversations if c.kind in cfg.kinds]
     tok, tok_report = resolve_tokenizer(cfg, train_convs, out_dir or Path(cfg.out))
     if cfg.fake_entity_copies:
@@ -219,6 +229,14 @@ def collate(batch: list[EncodedExample], pad_id: int) -> tuple[torch.Tensor, tor
     return ids, mask, valid
 
 
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: torch sees no CUDA GPU here (use --device cpu or auto)")
+    return torch.device(name)
+
+
 def masked_lm_loss(model: KimiK2ForCausalLM, ids: torch.Tensor, mask: torch.Tensor,
                    context_weight: float = 0.0, valid: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
     """Mean next-token loss over positions whose TARGET token is assistant-written, plus
@@ -235,16 +253,17 @@ def masked_lm_loss(model: KimiK2ForCausalLM, ids: torch.Tensor, mask: torch.Tens
     return (losses * weights.reshape(-1)).sum() / n, n
 
 
-def _copy_mix_loss(model: KimiK2ForCausalLM, tok: Any, cfg: SFTConfig, step: int) -> tuple[torch.Tensor, float]:
+def _copy_mix_loss(model: KimiK2ForCausalLM, tok: Any, cfg: SFTConfig, step: int,
+                   device: torch.device) -> tuple[torch.Tensor, float]:
     """The copy warm-up's loss on a batch drawn from (seed, step) alone, so a resumed run sees the same batches."""
     gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
     if cfg.copy_mix_length:
         ids, mask = recall_batch(gen, cfg.copy_mix_batch, cfg.copy_mix_length, text_token_ids(tok), tok.special["[BOS]"],
                                  RECALL_MIN_K, RECALL_MAX_K)
-        return recall_loss(model, ids, mask)
+        return recall_loss(model, ids.to(device), mask.to(device))
     k = int(torch.randint(MIN_K, MAX_K + 1, (1,), generator=gen))
     ids = copy_batch(gen, cfg.copy_mix_batch, k, text_token_ids(tok), tok.special["[BOS]"], tok.special["<|im_middle|>"])
-    return copy_loss(model, ids, k)
+    return copy_loss(model, ids.to(device), k)
 
 
 def lr_at(step: int, cfg: SFTConfig) -> float:
@@ -263,9 +282,10 @@ def evaluate_detail(model: KimiK2ForCausalLM, examples: list[EncodedExample], ba
     if not examples:
         return None
     model.eval()
+    device = next(model.parameters()).device
     total, hits, count = 0.0, 0.0, 0
     for b in make_batches(examples, batch_tokens, seed=0, epoch=0):
-        ids, mask, _ = collate([examples[i] for i in b], pad_id)
+        ids, mask, _ = (t.to(device) for t in collate([examples[i] for i in b], pad_id))
         logits = model.forward_logits(ids)[:, :-1]
         targets, weights = ids[:, 1:], mask[:, 1:]
         losses = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none")
@@ -281,12 +301,27 @@ def evaluate(model: KimiK2ForCausalLM, examples: list[EncodedExample], batch_tok
     return None if res is None else res[0]
 
 
-_RUN_LENGTH_FIELDS = {"steps", "threads"}  # a resumed run may change these
+_RUN_LENGTH_FIELDS = {"steps", "threads", "device", "synth_workers"}  # a resumed run may change these
 
 
 def _state_config(cfg: SFTConfig) -> dict[str, Any]:
     """The part of the config a resumed run must share with the saved one."""
     return cfg.model_dump(mode="json", exclude=_RUN_LENGTH_FIELDS)
+
+
+def _save_data_cache(out: Path, cfg: SFTConfig, data: SFTData) -> None:
+    """The encoded examples, so that --resume does not synthesize them again (minutes for big runs)."""
+    with (out / DATA_CACHE_FILE).open("wb") as f:
+        pickle.dump({"config": _state_config(cfg), "data": data}, f, protocol=pickle.HIGHEST_PROTOCOL)
+
+
+def _load_data_cache(out: Path, cfg: SFTConfig) -> SFTData | None:
+    path = out / DATA_CACHE_FILE
+    if not path.is_file():
+        return None
+    with path.open("rb") as f:
+        cached = pickle.load(f)
+    return cached["data"] if cached.get("config") == _state_config(cfg) else None
 
 
 def _optimizer(model: KimiK2ForCausalLM, cfg: SFTConfig) -> torch.optim.AdamW:
@@ -305,10 +340,10 @@ def _log(path: Path, record: dict[str, Any]) -> None:
 def save_policy(model: KimiK2ForCausalLM, mcfg: ModelConfig, cfg: SFTConfig, out: Path, step: int,
                 data_report: dict[str, Any], eval_loss: float | None) -> None:
     if cfg.save_dtype == "float32":
-        save_checkpoint(model, mcfg, out)
+        save_checkpoint({k: v.cpu() for k, v in model.hf_state_dict().items()}, mcfg, out)
     else:
-        state = {k: v.to(torch.bfloat16) if v.is_floating_point() and "e_score_correction_bias" not in k else v
-                 for k, v in model.hf_state_dict().items()}
+        state = {k: v.to("cpu", torch.bfloat16) if v.is_floating_point() and "e_score_correction_bias" not in k
+                 else v.cpu() for k, v in model.hf_state_dict().items()}
         save_checkpoint(state, dataclasses.replace(mcfg, torch_dtype=cfg.save_dtype), out)
     (out / POLICY_FILE).write_text(json.dumps({
         # A trained BPE vocabulary lives next to the weights (tiktoken.model), as in Kimi's checkpoints.
@@ -325,7 +360,7 @@ def save_policy(model: KimiK2ForCausalLM, mcfg: ModelConfig, cfg: SFTConfig, out
 def _argv_of(cfg: SFTConfig) -> list[str]:
     out = []
     for k, v in cfg.model_dump(mode="json").items():
-        if v is None or k == "threads":
+        if v is None or k in ("threads", "synth_workers"):
             continue
         flag = "--" + k.replace("_", "-")
         if isinstance(v, bool):
@@ -342,6 +377,33 @@ class SFTResult:
     first_loss: float
     last_loss: float
     eval_losses: list[tuple[int, float]]
+    interrupted: bool = False
+
+
+class _StopRequest:
+    """Set by SIGINT while the training loop runs, so that the loop stops between steps: an interrupt
+    inside a step could leave the weights one update ahead of the saved step count."""
+
+    def __init__(self) -> None:
+        self.requested = False
+
+    def __bool__(self) -> bool:
+        return self.requested
+
+    @contextlib.contextmanager
+    def on_sigint(self) -> Iterator[None]:
+        if threading.current_thread() is not threading.main_thread():
+            yield  # signal handlers can only be set from the main thread
+            return
+
+        def handler(signum: int, frame: Any) -> None:
+            self.requested = True
+
+        previous = signal.signal(signal.SIGINT, handler)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGINT, previous)
 
 
 def train(cfg: SFTConfig, resume: bool = False, data: SFTData | None = None, stop_after: int | None = None) -> SFTResult:
@@ -356,8 +418,11 @@ def train(cfg: SFTConfig, resume: bool = False, data: SFTData | None = None, sto
     out.mkdir(parents=True, exist_ok=True)
     mcfg = ModelConfig.preset(cfg.preset)
     max_len = cfg.max_len or mcfg.max_position_embeddings
+    if data is None and resume:
+        data = _load_data_cache(out, cfg)
     if data is None:
         data, tok = build_data(cfg, max_len, out)
+        _save_data_cache(out, cfg, data)
     else:  # the same tokenizer build_data would have chosen (resolve_tokenizer)
         tok = load_tokenizer(cfg.init_from or (out if cfg.tokenizer.startswith("bpe:") else cfg.tokenizer))
     model: KimiK2ForCausalLM | None = None
@@ -374,6 +439,11 @@ def train(cfg: SFTConfig, resume: bool = False, data: SFTData | None = None, sto
     torch.manual_seed(cfg.seed)
     if model is None:
         model = KimiK2ForCausalLM(mcfg, dtype=torch.float32)
+    device = resolve_device(cfg.device)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    model.to(device)
     model.train()
     opt = _optimizer(model, cfg)
     step = 0
@@ -382,7 +452,7 @@ def train(cfg: SFTConfig, resume: bool = False, data: SFTData | None = None, sto
     if resume:
         if not state_path.is_file():
             raise FileNotFoundError(f"--resume: no {STATE_FILE} in {out}")
-        state = torch.load(state_path, weights_only=False)
+        state = torch.load(state_path, weights_only=False, map_location=device)
         # Options added after a run started are compared at their defaults (the run did not use them).
         stored = {k: state["config"].get(k, SFTConfig.model_fields[k].get_default(call_default_factory=True))
                   for k in SFTConfig.model_fields if k not in _RUN_LENGTH_FIELDS}
@@ -391,7 +461,7 @@ def train(cfg: SFTConfig, resume: bool = False, data: SFTData | None = None, sto
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         step = state["step"]
-        torch.set_rng_state(state["rng"])
+        torch.set_rng_state(state["rng"].cpu())
         if log_path.exists():  # steps logged after the last save were not kept: they run again
             lines = log_path.read_text().splitlines()
             log_path.write_text("".join(line + "\n" for line in lines if json.loads(line).get("step", 0) <= step))
@@ -409,46 +479,59 @@ def train(cfg: SFTConfig, resume: bool = False, data: SFTData | None = None, sto
     eval_loss: float | None = None
     t0 = time.perf_counter()
     end = cfg.steps if stop_after is None else min(cfg.steps, stop_after)
-    while step < end:
-        batch = next(stream)
-        ids, mask, valid = collate(batch, pad_id)
-        lr = lr_at(step, cfg)
-        for g in opt.param_groups:
-            g["lr"] = lr
-        loss, n = masked_lm_loss(model, ids, mask, cfg.context_loss_weight, valid)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        copy_rec = {}
-        if cfg.copy_mix_weight:
-            c_loss, c_acc = _copy_mix_loss(model, tok, cfg, step)
-            (cfg.copy_mix_weight * c_loss).backward()
-            copy_rec = {"copy_loss": round(float(c_loss.detach()), 4), "copy_accuracy": round(c_acc, 4)}
-        gnorm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip))
-        opt.step()
-        step += 1
-        last_loss = float(loss.detach())
-        if first_loss != first_loss:
-            first_loss = last_loss
-        rec: dict[str, Any] = {"step": step, "loss": round(last_loss, 5), "lr": lr, "grad_norm": round(gnorm, 4),
-                               "batch": len(batch), "target_tokens": n, **copy_rec,
-                               "elapsed_s": round(time.perf_counter() - t0, 2)}
-        if step % cfg.eval_every == 0 or step == cfg.steps:
-            detail = evaluate_detail(model, data.eval, cfg.batch_tokens, pad_id)
-            if detail is not None:
-                eval_loss = detail[0]
-                rec["eval_loss"] = round(eval_loss, 5)
-                rec["eval_accuracy"] = round(detail[1], 5)
-                eval_losses.append((step, eval_loss))
-            fake = evaluate_detail(model, data.eval_fake, cfg.batch_tokens, pad_id)
-            if fake is not None:
-                rec["eval_fake_loss"], rec["eval_fake_accuracy"] = round(fake[0], 5), round(fake[1], 5)
-        _log(log_path, rec)
-        if step % cfg.save_every == 0 or step == end:
-            torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step,
-                        "rng": torch.get_rng_state(),
-                        "config": _state_config(cfg)}, state_path)
-            save_policy(model, mcfg, cfg, out, step, data.report, eval_loss)
-    return SFTResult(out, step, first_loss, last_loss, eval_losses)
+
+    def save() -> None:
+        torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step,
+                    "rng": torch.get_rng_state(), "config": _state_config(cfg)}, state_path)
+        save_policy(model, mcfg, cfg, out, step, data.report, eval_loss)
+
+    saved = step
+    interrupted = _StopRequest()
+    with interrupted.on_sigint():
+        while step < end and not interrupted:
+            batch = next(stream)
+            ids, mask, valid = (t.to(device, non_blocking=True) for t in collate(batch, pad_id))
+            lr = lr_at(step, cfg)
+            for g in opt.param_groups:
+                g["lr"] = lr
+            loss, n = masked_lm_loss(model, ids, mask, cfg.context_loss_weight, valid)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            copy_rec = {}
+            if cfg.copy_mix_weight:
+                c_loss, c_acc = _copy_mix_loss(model, tok, cfg, step, device)
+                (cfg.copy_mix_weight * c_loss).backward()
+                copy_rec = {"copy_loss": round(float(c_loss.detach()), 4), "copy_accuracy": round(c_acc, 4)}
+            gnorm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip))
+            opt.step()
+            step += 1
+            last_loss = float(loss.detach())
+            if first_loss != first_loss:
+                first_loss = last_loss
+            rec: dict[str, Any] = {"step": step, "loss": round(last_loss, 5), "lr": lr, "grad_norm": round(gnorm, 4),
+                                   "batch": len(batch), "target_tokens": n, **copy_rec,
+                                   "elapsed_s": round(time.perf_counter() - t0, 2)}
+            if step % cfg.eval_every == 0 or step == cfg.steps:
+                detail = evaluate_detail(model, data.eval, cfg.batch_tokens, pad_id)
+                if detail is not None:
+                    eval_loss = detail[0]
+                    rec["eval_loss"] = round(eval_loss, 5)
+                    rec["eval_accuracy"] = round(detail[1], 5)
+                    eval_losses.append((step, eval_loss))
+                fake = evaluate_detail(model, data.eval_fake, cfg.batch_tokens, pad_id)
+                if fake is not None:
+                    rec["eval_fake_loss"], rec["eval_fake_accuracy"] = round(fake[0], 5), round(fake[1], 5)
+            _log(log_path, rec)
+            if step % cfg.save_every == 0 or step == end:
+                save()
+                saved = step
+    if interrupted:
+        # Ctrl-C (or `timeout -s INT`) ends the run after the step in flight, keeping every step done.
+        if step > saved:
+            save()
+        _log(log_path, {"event": "interrupted", "step": step})
+        print(f"interrupted at step {step}; saved, continue with --resume", file=sys.stderr)
+    return SFTResult(out, step, first_loss, last_loss, eval_losses, interrupted=bool(interrupted))
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[SFTConfig, bool, int | None]:
@@ -483,6 +566,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[SFTConfig, bool, int | No
                    help="0: short copy rows; L: L-token rows with repeats at random distances (copy_pretrain.recall_batch)")
     p.add_argument("--save-dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--synth-workers", type=int, default=1, help="processes synthesizing traces (same result)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                   help="auto: CUDA when torch sees a GPU, else the CPU")
     p.add_argument("--resume", action="store_true", help="continue from OUT/train_state.pt")
     p.add_argument("--stop-after", type=int, default=None,
                    help="end at this step (saved and resumable; the lr schedule still runs to --steps)")
@@ -496,8 +582,8 @@ def main(argv: list[str] | None = None) -> int:
     cfg, resume, stop_after = parse_args(argv)
     res = train(cfg, resume=resume, stop_after=stop_after)
     print(json.dumps({"out": str(res.out), "steps": res.steps, "first_loss": res.first_loss,
-                      "last_loss": res.last_loss, "eval_losses": res.eval_losses}))
-    return 0
+                      "last_loss": res.last_loss, "eval_losses": res.eval_losses, "interrupted": res.interrupted}))
+    return 130 if res.interrupted else 0
 
 
 if __name__ == "__main__":

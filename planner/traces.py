@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import math
+import multiprocessing
 import re
 from collections import Counter
 from dataclasses import dataclass, field
@@ -31,7 +32,7 @@ from planner.envs.base import Task
 from planner.envs.geodata import CONTINENT_NAMES, LANGUAGE_NAMES, Country, GeoData, format_int, split_of_country
 from planner.plan_schema import CompactAgent, CompactPlan, compact_plan_json
 from planner.prompts import PLAN_MODE_PROMPT, SUBAGENT_SYSTEM_PROMPT, aggregate_table_prompt
-from swarm.job_host import AGGREGATOR_SYSTEM_PROMPT, compose_task_message
+from swarm.messages import AGGREGATOR_SYSTEM_PROMPT, compose_task_message, result_label
 from swarm.orchestrator import ASSIGN_TASK, CREATE_SUBAGENT, orchestrator_system_prompt, orchestrator_tools
 from swarm.plans import JobSpec, SubAgentSpec
 from workers.tools.search import CorpusIndex, SearchArgs, build_index, format_hits, make_search_tool
@@ -444,13 +445,8 @@ class TraceBuilder:
         return find_test_entities(text, self.test_names, self.data)
 
 
-def result_label(spec: SubAgentSpec) -> str:
-    """How swarm.job_host labels a sub-agent's result ("<id> (<name>)" when they differ)."""
-    return spec.id if spec.name == spec.id else f"{spec.id} ({spec.name})"
-
-
 def _concat(results: list[tuple[str, str]]) -> str:
-    """What swarm.job_host returns for aggregate == "concat", given (result_label, text) pairs."""
+    """swarm.messages.concat_results over (result_label, text) pairs."""
     return "\n\n".join(f"## {rid}\n{text}" for rid, text in results)
 
 
@@ -503,13 +499,46 @@ class SynthesisReport:
 
 
 def synthesize(env: Any, tasks: list[Task], corpus_path: str | Path | None = None,
-               allow_test: bool = False) -> tuple[list[TaskTrace], SynthesisReport]:
+               allow_test: bool = False, workers: int = 1) -> tuple[list[TaskTrace], SynthesisReport]:
     """Traces of the given train tasks; tasks that cannot give a correct, leak-free trace are skipped.
-    `allow_test` admits test-split tasks: for measuring a policy on held-out tasks, never for training."""
+    `allow_test` admits test-split tasks: for measuring a policy on held-out tasks, never for training.
+    `workers` > 1 builds contiguous chunks of tasks in that many processes; the result is the same."""
     bad = [t.id for t in tasks if t.split != "train"]
     if bad and not allow_test:
         raise TraceError(f"traces are built from train tasks only; got test tasks {bad[:3]}")
-    builder = TraceBuilder(env, corpus_path)
+    if workers <= 1 or len(tasks) < 2 * workers:
+        return _synthesize_with(TraceBuilder(env, corpus_path), tasks, allow_test)
+    size = -(-len(tasks) // workers)
+    chunks = [tasks[i:i + size] for i in range(0, len(tasks), size)]
+    # Spawned, not forked: a fork copies locks held by other threads (torch's, JAX's) and can hang.
+    with multiprocessing.get_context("spawn").Pool(len(chunks), _init_worker, (env, corpus_path)) as pool:
+        parts = pool.starmap(_synthesize_in_worker, [(c, allow_test) for c in chunks])
+    out: list[TaskTrace] = []
+    report = SynthesisReport()
+    for traces, rep in parts:
+        out += traces
+        report.tasks_seen += rep.tasks_seen
+        report.tasks_used += rep.tasks_used
+        report.leaky_conversations += rep.leaky_conversations
+        report.dropped.update(rep.dropped)
+        report.conversations.update(rep.conversations)
+    return out, report
+
+
+_WORKER_BUILDER: TraceBuilder | None = None
+
+
+def _init_worker(env: Any, corpus_path: str | Path | None) -> None:
+    global _WORKER_BUILDER
+    _WORKER_BUILDER = TraceBuilder(env, corpus_path)
+
+
+def _synthesize_in_worker(tasks: list[Task], allow_test: bool) -> tuple[list[TaskTrace], SynthesisReport]:
+    assert _WORKER_BUILDER is not None
+    return _synthesize_with(_WORKER_BUILDER, tasks, allow_test)
+
+
+def _synthesize_with(builder: TraceBuilder, tasks: list[Task], allow_test: bool) -> tuple[list[TaskTrace], SynthesisReport]:
     report = SynthesisReport()
     out = []
     for task in tasks:

@@ -45,6 +45,7 @@ from swarm.events import (
     _Event,
 )
 from swarm.llm import ChatMessage, ChatResult, LLMClient, LLMError
+from swarm.messages import AGGREGATOR_SYSTEM_PROMPT, aggregate_user_message, compose_task_message, concat_results
 from swarm.orchestrator import Orchestrator, SubAgentOutcome
 from swarm.plan_writer import DEFAULT_MAX_REPAIRS, PlanRepairError, load_plan_format, write_plan
 from swarm.plans import JobMetrics, JobSpec, JobState, LLMConfig, SubAgentSpec, SwarmPlan, ToolsConfig
@@ -63,15 +64,6 @@ CANCEL_CONFIRM_S = 5.0
 MAX_EVENTS_PER_POLL = 5000
 # How long a cancelled run's tool lease may take to be settled by its worker before it counts as used.
 LEASE_SETTLE_S = 3.0  # the worker's return of a cancelled run's lease can lag on a loaded machine
-
-AGGREGATOR_SYSTEM_PROMPT = (
-    "You are the orchestrator of an agent swarm. Sub-agents worked on parts of a task in parallel; "
-    "their final answers follow, each under its agent id. Combine them into one complete, consistent "
-    "final answer. Resolve contradictions where you can and say where you cannot; do not invent facts "
-    "that none of the answers contains."
-)
-DEFAULT_AGGREGATE_PROMPT = "Write the final answer from the sub-agents' results below."
-
 
 class JobFailure(RuntimeError):
     """The job cannot succeed; the message is the job's error."""
@@ -107,21 +99,6 @@ class _Node:
     task: asyncio.Task[SubAgentOutcome] | None = None
     ref: Any = None  # ObjectRef of the attempt in flight
     token: str | None = None
-
-
-def _label(spec: SubAgentSpec) -> str:
-    return spec.id if spec.name == spec.id else f"{spec.id} ({spec.name})"
-
-
-def compose_task_message(task: str, deps: list[tuple[SubAgentSpec, str]]) -> str:
-    """The sub-agent's user message: its dependencies' final results, labelled, then its task."""
-    if not deps:
-        return task
-    parts = ["Results of the sub-agents this task depends on:"]
-    for spec, text in deps:
-        parts.append(f"### Result of {_label(spec)}\n{text}")
-    parts.append(f"### Your task\n{task}")
-    return "\n\n".join(parts)
 
 
 def redacted_spec(spec: JobSpec) -> dict[str, Any]:
@@ -365,15 +342,14 @@ class Job:
         results = [(n.spec, n.outcome.text if n.outcome else "") for n in (self._nodes[s.id] for s in plan.subagents)]
         if plan.aggregate == "llm":
             return await self._aggregate_llm(plan, results)
-        return "\n\n".join(f"## {_label(spec)}\n{text}" for spec, text in results)
+        return concat_results(results)
 
     async def _aggregate_llm(self, plan: SwarmPlan, results: list[tuple[SubAgentSpec, str]]) -> str:
         # After a written plan the orchestrator is already running and its steps continue.
         after_writer = self._spec.plan is None
-        body = "\n\n".join(f"### Result of {_label(spec)}\n{text}" for spec, text in results)
         messages = [
             ChatMessage(role="system", content=AGGREGATOR_SYSTEM_PROMPT),
-            ChatMessage(role="user", content=f"{plan.aggregate_prompt.strip() or DEFAULT_AGGREGATE_PROMPT}\n\n{body}"),
+            ChatMessage(role="user", content=aggregate_user_message(plan.aggregate_prompt, results)),
         ]
         if not after_writer:
             self.emit(SubAgentStarted(agent_id=ORCHESTRATOR_ID, worker=self._host_name))

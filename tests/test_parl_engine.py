@@ -21,7 +21,7 @@ from planner.parl.policy_host import (
 )
 from planner.parl.samples import OrchestratorSample, token_logprobs
 from planner.parl.trainer import PARLTrainer
-from swarm.job_host import AGGREGATOR_SYSTEM_PROMPT
+from swarm.messages import AGGREGATOR_SYSTEM_PROMPT
 from swarm.llm import ChatMessage, ToolSpec
 from swarm.plan_writer import load_plan_format, response_format_for
 from swarm.plans import Limits

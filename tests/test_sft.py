@@ -4,6 +4,8 @@ and a resumed run ends exactly where an uninterrupted one does."""
 from __future__ import annotations
 
 import json
+import os
+import signal
 from dataclasses import replace
 
 import pytest
@@ -14,7 +16,9 @@ from model_shards.config import ModelConfig
 from model_shards.model import KimiK2ForCausalLM
 from model_shards.tokenizer import ByteTokenizer
 from planner.envs import get_env
+import planner.sft
 from planner.sft import (
+    DATA_CACHE_FILE,
     LOG_FILE,
     POLICY_FILE,
     STATE_FILE,
@@ -27,6 +31,7 @@ from planner.sft import (
     masked_lm_loss,
     _argv_of,
     parse_args,
+    resolve_device,
     train,
 )
 from planner.traces import encode_conversation, synthesize
@@ -277,3 +282,54 @@ def test_copy_mix_with_long_rows(tmp_path, data):
     assert all(r["copy_loss"] > 0 for log in logs for r in log)
     assert [r["copy_loss"] for r in logs[0]] != [r["copy_loss"] for r in logs[1]]  # other rows, other loss
     assert parse_args(_argv_of(long_))[0].copy_mix_length == 96
+
+
+def test_device_choice():
+    assert resolve_device("cpu").type == "cpu"
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="torch sees no CUDA GPU"):
+            resolve_device("cuda")
+    cfg, _, _ = parse_args(["--out", "x", "--device", "cpu", "--synth-workers", "3"])
+    assert cfg.device == "cpu" and cfg.synth_workers == 3
+    # Where it ran and how many processes built the data are not part of the recipe.
+    assert "--synth-workers" not in _argv_of(cfg) and "--device" in _argv_of(cfg)
+
+
+def test_resume_reuses_the_cached_data(tmp_path, monkeypatch):
+    cfg = SFTConfig(preset="tiny", out=str(tmp_path), steps=2, train_tasks=2, eval_tasks=1, data_seed=4,
+                    kinds=["orchestrator_plan"], batch_tokens=2048, threads=2)
+    train(cfg, stop_after=1)
+    assert (tmp_path / DATA_CACHE_FILE).is_file()
+
+    def no_synthesis(*a, **k):
+        raise AssertionError("resume synthesized the data again")
+
+    monkeypatch.setattr(planner.sft, "build_data", no_synthesis)
+    assert train(cfg, resume=True).steps == 2
+    # A different recipe does not take the cache: it builds its own data.
+    with pytest.raises(AssertionError, match="synthesized the data again"):
+        train(cfg.model_copy(update={"data_seed": 5}), resume=True)
+
+
+def test_ctrl_c_stops_between_steps_and_saves_a_resumable_state(tmp_path, data, monkeypatch):
+    whole = train(_cfg(tmp_path / "whole", 4), data=data)
+    real_step = torch.optim.AdamW.step
+    calls = {"n": 0}
+
+    def step_then_ctrl_c(self, *a, **k):
+        out = real_step(self, *a, **k)
+        calls["n"] += 1
+        if calls["n"] == 3:
+            os.kill(os.getpid(), signal.SIGINT)  # arrives in the middle of step 3
+        return out
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", step_then_ctrl_c)
+    cut = train(_cfg(tmp_path / "cut", 4), data=data)
+    monkeypatch.setattr(torch.optim.AdamW, "step", real_step)
+    assert cut.interrupted and cut.steps == 3
+    assert torch.load(tmp_path / "cut" / STATE_FILE, weights_only=False)["step"] == 3
+    events = [json.loads(line) for line in (tmp_path / "cut" / LOG_FILE).read_text().splitlines()]
+    assert events[-1] == {"event": "interrupted", "step": 3}
+    resumed = train(_cfg(tmp_path / "cut", 4), resume=True, data=data)
+    assert not resumed.interrupted and resumed.last_loss == whole.last_loss

@@ -192,3 +192,11 @@ def test_length_stats_report_every_kind(traced):
         lens = sorted(len(e) for e in examples if e.kind == kind)
         assert s["count"] == len(lens) and s["min"] == lens[0] and s["max"] == lens[-1]
         assert s["min"] <= s["median"] <= s["p90"] <= s["max"]
+
+
+def test_synthesis_in_worker_processes_gives_the_same_traces(env, traced):
+    tasks, traces, report = traced
+    par_traces, par_report = synthesize(env, tasks, workers=2)
+    assert par_report.as_dict() == report.as_dict()
+    assert [c.messages for tr in par_traces for c in tr.conversations] == \
+        [c.messages for tr in traces for c in tr.conversations]

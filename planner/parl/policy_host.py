@@ -90,7 +90,7 @@ def call_role(messages: list[ChatMessage], tools: list[ToolSpec] | None,
     """'plan' (the plan writer's calls, repairs included), 'aggregate' (the job's aggregation call) or
     'subagent'. Plan calls are the only ones asking for the plan schema; the aggregation call is the
     only one with the job host's aggregator system prompt and no tools."""
-    from swarm.job_host import AGGREGATOR_SYSTEM_PROMPT
+    from swarm.messages import AGGREGATOR_SYSTEM_PROMPT
 
     if response_format and (response_format.get("json_schema") or {}).get("name") == PLAN_RESPONSE_NAME:
         return "plan"

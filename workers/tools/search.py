@@ -8,12 +8,16 @@ first caller builds, concurrent callers wait for that build instead of repeating
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-import bm25s
+# bm25s runs a JAX computation at import when JAX is installed; on a GPU machine that would take
+# most of the GPU's memory for a CPU-sized search. Keep JAX on the CPU unless the user chose otherwise.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+import bm25s  # noqa: E402
 import numpy as np
 import orjson
 from pydantic import BaseModel, Field, ValidationError, field_validator
