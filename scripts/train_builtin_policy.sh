@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Reproduces the built-in policy from nothing: every stage's exact command, in order (docs/policy.md
-# explains each stage and what it measured). About 3 hours on 2 CPU cores.
+# explains each stage and what it measured). Stages 1-5 take about 3.5 hours on 2 CPU cores; stages 6-7
+# need a CUDA GPU (about 10 and 8 minutes on one H100 with 16 CPU cores, trace synthesis included).
 #
 #   scripts/train_builtin_policy.sh [WORK_DIR [DEST]]
 #
@@ -61,21 +62,41 @@ fi
 
 # 5. SFT on sub-agent, plan and aggregation conversations whose entities are all renamed to random
 #    train-split city names (nothing to recall, everything to copy), with long copy rows mixed in.
-sft_stage "$W/sft-b" 240 --steps 240 --lr 1e-3 --warmup 10 --init-from "$W/recall" \
-    --fake-entity-copies 2 --fake-only --fake-names places --kinds subagent orchestrator_plan aggregate \
-    --copy-mix-weight 0.3 --copy-mix-batch 2 --copy-mix-length 2048
+#    Run as 240 steps of a 240-step schedule, then continued on a 600-step schedule to step 390.
+B=(--lr 1e-3 --warmup 10 --init-from "$W/recall" --fake-entity-copies 2 --fake-only --fake-names places
+   --kinds subagent orchestrator_plan aggregate --copy-mix-weight 0.3 --copy-mix-batch 2 --copy-mix-length 2048)
+sft_stage "$W/sft-b" 240 --steps 240 "${B[@]}"
+if [ "$(done_at "$W/sft-b")" -lt 390 ]; then
+  echo "== $W/sft-b: continued to step 390 on a 600-step schedule"
+  "$PY" -m planner.sft "${COMMON[@]}" --out "$W/sft-b" --steps 600 "${B[@]}" --resume --stop-after 390
+fi
+
+# 6-7. The same recipe on a GPU, on 1,000 training tasks with three renamed copies each and twice the
+#    batch: 1,897 steps of a 3,000-step schedule (the run was cut there by its time limit), then
+#    1,800 steps at half the learning rate on another 1,000 tasks (data seed 1).
+if ! "$PY" -c "import sys, torch; sys.exit(not torch.cuda.is_available())"; then
+  echo "stages 6-7 need a CUDA GPU (torch sees none here); policy so far: $W/sft-b"
+  exit 0
+fi
+G=(--batch-tokens 32768 --train-tasks 1000 --fake-entity-copies 3 --fake-only --fake-names places
+   --kinds subagent orchestrator_plan aggregate --copy-mix-weight 0.3 --copy-mix-batch 2 --copy-mix-length 2048
+   --eval-every 250 --save-every 100 --device cuda --synth-workers "$(nproc)")
+sft_stage "$W/gpu-a" 1897 --steps 3000 --lr 1e-3 --warmup 50 --init-from "$W/sft-b" "${G[@]}"
+sft_stage "$W/gpu-b" 1800 --steps 1800 --lr 5e-4 --warmup 20 --data-seed 1 --init-from "$W/gpu-a" "${G[@]}"
+LAST="$W/gpu-b"
 
 # Ship: the checkpoint, its tokenizer, policy.json (the last stage's command and config) and every
 # stage's log; not train_state.pt (optimizer state, 5x the weights).
-if [ -z "$DEST" ]; then echo "policy: $W/sft-b"; exit 0; fi
+if [ -z "$DEST" ]; then echo "policy: $LAST"; exit 0; fi
 mkdir -p "$DEST/logs"
 for f in config.json model.safetensors generation_config.json tiktoken.model tokenizer_config.json policy.json \
          train_log.jsonl; do
-  cp "$W/sft-b/$f" "$DEST/$f"
+  cp "$LAST/$f" "$DEST/$f"
 done
 cp "$W/stage1/train_log.jsonl" "$DEST/logs/1-stage1_train_log.jsonl"
 cp "$W/copy/copy_log.jsonl" "$DEST/logs/2-copy_log.jsonl"
 cp "$W/sft-a/train_log.jsonl" "$DEST/logs/3-sft-a_train_log.jsonl"
 cp "$W/recall/copy_log.jsonl" "$DEST/logs/4-recall_log.jsonl"
 cp "$W/sft-b/train_log.jsonl" "$DEST/logs/5-sft-b_train_log.jsonl"
-echo "policy: $W/sft-b, shipped to $DEST"
+cp "$W/gpu-a/train_log.jsonl" "$DEST/logs/6-gpu-a_train_log.jsonl"
+echo "policy: $LAST, shipped to $DEST"
