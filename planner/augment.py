@@ -21,9 +21,9 @@ from dataclasses import replace
 from functools import lru_cache
 from typing import Any, Literal, get_args
 
-from planner.envs.geodata import fold, load_geodata, split_of_country
+from planner.envs.geodata import LANGUAGE_NAMES, fold, load_geodata, split_of_country
 from planner.envs.widegeo import task_subject
-from planner.traces import Conversation, TaskTrace
+from planner.traces import Conversation, TaskTrace, list_items
 
 _SYLLABLES = ("ba", "ko", "ri", "ta", "mu", "se", "lo", "na", "vi", "de", "go", "pu", "ze", "ha", "ki", "ol",
               "an", "er", "is", "un", "ma", "te", "ro", "su", "fa", "ne", "li", "do", "ka", "bu")
@@ -86,9 +86,11 @@ def fake_number(text: str, rng: random.Random) -> str:
     return "".join(next(it) if c.isdigit() else c for c in text)
 
 
-def task_entities(trace: TaskTrace) -> list[str]:
+def task_entities(trace: TaskTrace, languages: bool = False) -> list[str]:
     """Names to rename in this task's conversations: string cells of the gold rows, plus items of the
-    '; '-separated lists the assistant wrote (listers name more countries than the gold keeps)."""
+    '; '-separated lists the assistant wrote (listers name more countries than the gold keeps), and
+    with `languages` the language a language task asks about (else a model can recall a language
+    from the training tasks instead of copying it from the task)."""
     names: set[str] = set()
     # The task's subject (the country or continent it is about) too: a held-out task names one the
     # model never saw, which the orchestrator and sub-agents must copy into subtasks and queries.
@@ -102,7 +104,9 @@ def task_entities(trace: TaskTrace) -> list[str]:
             content = m.get("content")
             if (m.get("role") == "assistant" and isinstance(content, str) and "; " in content
                     and not any(c in content for c in "|{")):  # a list, not a table or a JSON plan
-                names.update(p.strip() for p in content.split(";") if len(p.strip()) >= _LIST_ITEM_MIN)
+                names.update(p for p in list_items(content) if len(p) >= _LIST_ITEM_MIN)
+    if languages and trace.task.meta.get("template") == "language_countries":
+        names.add(LANGUAGE_NAMES[trace.task.meta["params"]["language"]])
     return sorted(names, key=len, reverse=True)  # longest first: "Guinea-Bissau" before "Guinea"
 
 

@@ -26,9 +26,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import re
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -106,6 +108,16 @@ def _load(checkpoint: str) -> tuple[Any, Any, KimiK2ForCausalLM]:
     return tok, mcfg, model
 
 
+def trained_spaced(checkpoint: str) -> bool:
+    """Whether the checkpoint was trained on spaced-name traces (its policy.json config says so): it is
+    scored on traces of the form it was trained to write."""
+    try:
+        config = json.loads((Path(checkpoint) / "policy.json").read_text()).get("config", {})
+    except (OSError, ValueError):
+        return False
+    return bool(config.get("spaced_names"))
+
+
 @torch.no_grad()
 def teacher_forced(checkpoint: str, kinds: list[str] | None = None,
                    task_indices: list[int] | None = None) -> list[KindScore]:
@@ -114,7 +126,8 @@ def teacher_forced(checkpoint: str, kinds: list[str] | None = None,
     are left out."""
     env = get_env("widegeo")
     tasks = env.eval_set()
-    traces, _ = synthesize(env, [tasks[i] for i in task_indices] if task_indices else tasks, allow_test=True)
+    traces, _ = synthesize(env, [tasks[i] for i in task_indices] if task_indices else tasks, allow_test=True,
+                           spaced_names=trained_spaced(checkpoint))
     tok, mcfg, model = _load(checkpoint)
     tallies: dict[str, _Tally] = {}
     for tr in traces:

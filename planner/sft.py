@@ -17,7 +17,6 @@ import contextlib
 import dataclasses
 import json
 import math
-import pickle
 import random
 import shutil
 import signal
@@ -41,12 +40,13 @@ from model_shards.chat_template import render_segments
 from planner.copy_pretrain import (MAX_K, MIN_K, RECALL_MAX_K, RECALL_MIN_K, copy_batch, copy_loss, recall_batch,
                                    recall_loss, text_token_ids)
 from planner.augment import FAKE_NAME_KINDS, FakeNames, fake_entity_copy, task_entities
+from planner.sft_data import load_data, save_data, tokenizer_fingerprint
 from planner.traces import KINDS, Conversation, EncodedExample, encode_conversation, length_stats, synthesize
 
 STATE_FILE = "train_state.pt"
 LOG_FILE = "train_log.jsonl"
 POLICY_FILE = "policy.json"
-DATA_CACHE_FILE = "data_cache.pkl"
+DATA_FILE = "data.xz"  # the run's encoded data (planner.sft_data), reused when the recipe matches
 
 
 class SFTConfig(BaseModel):
@@ -83,6 +83,11 @@ class SFTConfig(BaseModel):
     # Train on the renamed copies only: a real train-split name in the training data is one the model
     # can recall instead of copy, and that habit is what fails on held-out countries.
     fake_only: bool = False
+    # Traces in which every name a sub-agent copies follows a space, as in its sources (list answers
+    # get a label, queries put the name after a word: planner.traces.LIST_LABEL, lookup_queries).
+    spaced_names: bool = False
+    # Rename the language of a language task too, in the fake copies.
+    fake_languages: bool = False
     # Start from this checkpoint's weights (fresh optimizer) instead of a random init; its tokenizer
     # directory is then the run's tokenizer.
     init_from: str | None = None
@@ -102,6 +107,9 @@ class SFTConfig(BaseModel):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     # Processes that synthesize the traces (the same traces whatever the number; search dominates).
     synth_workers: int = Field(1, ge=1)
+    # Where the encoded data is kept (default OUT/data.xz): built once, reused by any run whose
+    # recipe gives the same data (planner.sft_data), e.g. built here and carried to a GPU machine.
+    data_file: str | None = None
 
 
 @dataclass
@@ -150,22 +158,24 @@ def build_data(cfg: SFTConfig, max_len: int, out_dir: Path | None = None) -> tup
     seen = {t.prompt for t in train_tasks}
     # Held-out tasks: another seed of the train split, minus any prompt the training set has.
     eval_tasks = [t for t in env.tasks("train", cfg.eval_tasks, cfg.data_seed + 1_000_003) if t.prompt not in seen]
-    synthesized = {name: synthesize(env, tasks, workers=cfg.synth_workers) for name, tasks in (("train", train_tasks), ("eval", eval_tasks))}
+    synthesized = {name: synthesize(env, tasks, workers=cfg.synth_workers, spaced_names=cfg.spaced_names)
+                   for name, tasks in (("train", train_tasks), ("eval", eval_tasks))}
     train_convs = [c for tr in synthesized["train"][0] for c in tr.conversations if c.kind in cfg.kinds]
     tok, tok_report = resolve_tokenizer(cfg, train_convs, out_dir or Path(cfg.out))
     if cfg.fake_entity_copies:
         traces = synthesized["train"][0]
         for tr in traces:
-            entities = task_entities(tr)
+            entities = task_entities(tr, cfg.fake_languages)
             fakes = [fake_entity_copy(c, entities, f"{cfg.seed}/{c.task_id}/{i}/{k}", cfg.fake_names)
                      for i, c in enumerate(list(tr.conversations)) if c.kind in cfg.kinds
                      for k in range(cfg.fake_entity_copies)]
             tr.conversations = fakes if cfg.fake_only else tr.conversations + fakes
-        eval_fake = [encode_conversation(fake_entity_copy(c, task_entities(tr), f"eval/{c.task_id}/{i}",
-                                                          cfg.fake_names), tok)
+        eval_fake = [encode_conversation(fake_entity_copy(c, task_entities(tr, cfg.fake_languages),
+                                                          f"eval/{c.task_id}/{i}", cfg.fake_names), tok)
                      for tr in synthesized["eval"][0] for i, c in enumerate(tr.conversations) if c.kind in cfg.kinds]
-    elif cfg.fake_only:
-        raise ValueError("--fake-only needs --fake-entity-copies >= 1 (it trains on the renamed copies only)")
+    elif cfg.fake_only or cfg.fake_languages:
+        flag = "--fake-only" if cfg.fake_only else "--fake-languages"
+        raise ValueError(f"{flag} needs --fake-entity-copies >= 1 (it acts on the renamed copies)")
     else:
         eval_fake = []
     out: dict[str, list[EncodedExample]] = {}
@@ -301,7 +311,7 @@ def evaluate(model: KimiK2ForCausalLM, examples: list[EncodedExample], batch_tok
     return None if res is None else res[0]
 
 
-_RUN_LENGTH_FIELDS = {"steps", "threads", "device", "synth_workers"}  # a resumed run may change these
+_RUN_LENGTH_FIELDS = {"steps", "threads", "device", "synth_workers", "data_file"}  # a resumed run may change these
 
 
 def _state_config(cfg: SFTConfig) -> dict[str, Any]:
@@ -309,19 +319,43 @@ def _state_config(cfg: SFTConfig) -> dict[str, Any]:
     return cfg.model_dump(mode="json", exclude=_RUN_LENGTH_FIELDS)
 
 
-def _save_data_cache(out: Path, cfg: SFTConfig, data: SFTData) -> None:
-    """The encoded examples, so that --resume does not synthesize them again (minutes for big runs)."""
-    with (out / DATA_CACHE_FILE).open("wb") as f:
-        pickle.dump({"config": _state_config(cfg), "data": data}, f, protocol=pickle.HIGHEST_PROTOCOL)
+# The config fields that decide the encoded data (with the tokenizer's identity, see data_key).
+_DATA_FIELDS = ("preset", "max_len", "train_tasks", "eval_tasks", "data_seed", "kinds", "tokenizer",
+                "fake_entity_copies", "fake_names", "fake_only", "seed", "spaced_names", "fake_languages")
 
 
-def _load_data_cache(out: Path, cfg: SFTConfig) -> SFTData | None:
-    path = out / DATA_CACHE_FILE
-    if not path.is_file():
+def data_key(cfg: SFTConfig) -> dict[str, Any]:
+    """What the encoded data is a function of: a data file built under the same key is the same data."""
+    key = {k: v for k, v in cfg.model_dump(mode="json").items() if k in _DATA_FIELDS}
+    key["tokenizer"] = tokenizer_fingerprint(cfg.init_from or cfg.tokenizer)
+    return key
+
+
+def _data_path(cfg: SFTConfig) -> Path:
+    return Path(cfg.data_file) if cfg.data_file else Path(cfg.out) / DATA_FILE
+
+
+def _load_data(cfg: SFTConfig) -> SFTData | None:
+    found = load_data(_data_path(cfg), data_key(cfg))
+    if found is None:
         return None
-    with path.open("rb") as f:
-        cached = pickle.load(f)
-    return cached["data"] if cached.get("config") == _state_config(cfg) else None
+    splits, report = found
+    return SFTData(splits["train"], splits["eval"], report, splits["eval_fake"])
+
+
+def _save_data(cfg: SFTConfig, data: SFTData) -> None:
+    save_data(_data_path(cfg), data_key(cfg), {"train": data.train, "eval": data.eval, "eval_fake": data.eval_fake},
+              data.report)
+
+
+def prepare_data(cfg: SFTConfig) -> Path:
+    """Builds the run's data (unless its file already holds it) and writes it; returns the file."""
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if _load_data(cfg) is None:
+        data, _ = build_data(cfg, cfg.max_len or ModelConfig.preset(cfg.preset).max_position_embeddings, out)
+        _save_data(cfg, data)
+    return _data_path(cfg)
 
 
 def _optimizer(model: KimiK2ForCausalLM, cfg: SFTConfig) -> torch.optim.AdamW:
@@ -360,7 +394,7 @@ def save_policy(model: KimiK2ForCausalLM, mcfg: ModelConfig, cfg: SFTConfig, out
 def _argv_of(cfg: SFTConfig) -> list[str]:
     out = []
     for k, v in cfg.model_dump(mode="json").items():
-        if v is None or k in ("threads", "synth_workers"):
+        if v is None or k in ("threads", "synth_workers", "data_file"):
             continue
         flag = "--" + k.replace("_", "-")
         if isinstance(v, bool):
@@ -418,11 +452,11 @@ def train(cfg: SFTConfig, resume: bool = False, data: SFTData | None = None, sto
     out.mkdir(parents=True, exist_ok=True)
     mcfg = ModelConfig.preset(cfg.preset)
     max_len = cfg.max_len or mcfg.max_position_embeddings
-    if data is None and resume:
-        data = _load_data_cache(out, cfg)
+    if data is None and not cfg.tokenizer.startswith("bpe:"):  # a BPE run trains its vocabulary from the traces
+        data = _load_data(cfg)
     if data is None:
         data, tok = build_data(cfg, max_len, out)
-        _save_data_cache(out, cfg, data)
+        _save_data(cfg, data)
     else:  # the same tokenizer build_data would have chosen (resolve_tokenizer)
         tok = load_tokenizer(cfg.init_from or (out if cfg.tokenizer.startswith("bpe:") else cfg.tokenizer))
     model: KimiK2ForCausalLM | None = None
@@ -535,6 +569,12 @@ def train(cfg: SFTConfig, resume: bool = False, data: SFTData | None = None, sto
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[SFTConfig, bool, int | None]:
+    """(config, --resume, --stop-after) of a command line."""
+    cfg, resume, stop_after, _ = _parse(argv)
+    return cfg, resume, stop_after
+
+
+def _parse(argv: list[str] | None) -> tuple[SFTConfig, bool, int | None, bool]:
     p = argparse.ArgumentParser(prog="python -m planner.sft", description=__doc__.split("\n\n")[0])
     p.add_argument("--preset", default="small", help="model_shards ModelConfig preset: small or tiny")
     p.add_argument("--out", required=True, help="output directory (checkpoint, logs, train state)")
@@ -559,6 +599,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[SFTConfig, bool, int | No
     p.add_argument("--fake-names", default="syllables", choices=list(FAKE_NAME_KINDS),
                    help="fake names: pronounceable syllables, or real train-split city names drawn at random")
     p.add_argument("--fake-only", action="store_true", help="train on the renamed copies only (no real train names)")
+    p.add_argument("--fake-languages", action="store_true", help="rename a language task's language in the fake copies too")
+    p.add_argument("--spaced-names", action="store_true",
+                   help="traces where every copied name follows a space (labelled lists, name-last queries)")
     p.add_argument("--init-from", default=None, help="start from this checkpoint dir (weights and tokenizer)")
     p.add_argument("--copy-mix-weight", type=float, default=0.0, help="weight of a copy-task loss added every step (0 = off)")
     p.add_argument("--copy-mix-batch", type=int, default=32, help="rows in that copy batch")
@@ -567,19 +610,28 @@ def parse_args(argv: list[str] | None = None) -> tuple[SFTConfig, bool, int | No
     p.add_argument("--save-dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--synth-workers", type=int, default=1, help="processes synthesizing traces (same result)")
+    p.add_argument("--data-file", default=None,
+                   help="encoded data file (default OUT/data.xz): reused when its recipe matches, else built there")
+    p.add_argument("--build-data-only", action="store_true",
+                   help="build the data file and stop (to carry it to another machine)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
                    help="auto: CUDA when torch sees a GPU, else the CPU")
     p.add_argument("--resume", action="store_true", help="continue from OUT/train_state.pt")
     p.add_argument("--stop-after", type=int, default=None,
                    help="end at this step (saved and resumable; the lr schedule still runs to --steps)")
     a = vars(p.parse_args(argv))
+    build_only = a.pop("build_data_only")
     resume = a.pop("resume")
     stop_after = a.pop("stop_after")
-    return SFTConfig(**a), resume, stop_after
+    return SFTConfig(**a), resume, stop_after, build_only
 
 
 def main(argv: list[str] | None = None) -> int:
-    cfg, resume, stop_after = parse_args(argv)
+    cfg, resume, stop_after, build_only = _parse(argv)
+    if build_only:
+        path = prepare_data(cfg)
+        print(json.dumps({"data_file": str(path), "bytes": path.stat().st_size}))
+        return 0
     res = train(cfg, resume=resume, stop_after=stop_after)
     print(json.dumps({"out": str(res.out), "steps": res.steps, "first_loss": res.first_loss,
                       "last_loss": res.last_loss, "eval_losses": res.eval_losses, "interrupted": res.interrupted}))

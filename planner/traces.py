@@ -24,6 +24,8 @@ import math
 import multiprocessing
 import re
 from collections import Counter
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -160,6 +162,26 @@ def _find_doc(index: CorpusIndex, doc_id: str, queries: list[str], max_k: int = 
     raise TraceError(f"no query among {queries} finds {doc_id} within {max_k} results")
 
 
+# With `spaced_names`, every name a sub-agent copies follows a space, as it does in the documents it
+# copies from: the BPE tokenises "Ethiopia" at the start of a message or a JSON string ("E"+"th"...)
+# unlike " Ethiopia" in a result (" E"+"th"...), so a name written there cannot be copied token by
+# token. List answers get a label; queries put the name after a word.
+LIST_LABEL = "Countries: "
+
+
+def list_answer(names: list[str], spaced: bool = False) -> str:
+    return (LIST_LABEL if spaced else "") + "; ".join(names)
+
+
+def list_items(answer: str) -> list[str]:
+    """The names of a list answer, either form."""
+    return [p.strip() for p in answer.removeprefix(LIST_LABEL).split(";") if p.strip()]
+
+
+def lookup_queries(name: str, words: str, spaced: bool = False) -> list[str]:
+    return [f"{words} of {name}", f"about {name}"] if spaced else [f"{name} {words}", name]
+
+
 def lookup_task_text(names: list[str], attrs: list[str], filter_note: str = "") -> str:
     cols = ["country", *attrs]
     return (f"Look up these countries: {'; '.join(names)}. For each give {_listing([ATTR_TEXT[a] for a in attrs])}."
@@ -167,11 +189,12 @@ def lookup_task_text(names: list[str], attrs: list[str], filter_note: str = "") 
 
 
 def run_lookup(index: CorpusIndex, countries: list[Country], attrs: list[str],
-               keep: list[Country] | None = None, filter_note: str = "", task_text: str | None = None) -> tuple[list[dict], str]:
+               keep: list[Country] | None = None, filter_note: str = "", task_text: str | None = None,
+               spaced: bool = False) -> tuple[list[dict], str]:
     """Searches one country document per entity (all in one parallel step); the table keeps `keep` rows."""
     run = _SubAgentRun(index, task_text or lookup_task_text([c.name for c in countries], attrs, filter_note))
     words = " ".join(ATTR_WORDS[a] for a in attrs)
-    searches = [_find_doc(index, f"country:{c.iso}", [f"{c.name} {words}", c.name]) for c in countries]
+    searches = [_find_doc(index, f"country:{c.iso}", lookup_queries(c.name, words, spaced)) for c in countries]
     run.step(searches)
     rows = keep if keep is not None else countries
     needed = [_cell(_country_value(c, col)) for c in countries for col in ["country", *attrs]]
@@ -180,7 +203,7 @@ def run_lookup(index: CorpusIndex, countries: list[Country], attrs: list[str],
 
 
 def run_paged_list(index: CorpusIndex, queries: list[str], doc_prefix: str, n_parts: int,
-                   names: list[str], task_text: str, part_size: int = 25) -> tuple[list[dict], str]:
+                   names: list[str], task_text: str, part_size: int = 25, spaced: bool = False) -> tuple[list[dict], str]:
     """A list spread over parts `doc_prefix`1..n: one search first (its title tells how many parts
     there are), then the parts still missing, in one parallel step."""
     run = _SubAgentRun(index, task_text)
@@ -196,7 +219,7 @@ def run_paged_list(index: CorpusIndex, queries: list[str], doc_prefix: str, n_pa
         rest.append((q, k))
     if rest:
         run.step(rest)
-    return run.messages, run.answer("; ".join(names), names)
+    return run.messages, run.answer(list_answer(names, spaced), names)
 
 
 def city_task_text(country: str, start: int, end: int) -> str:
@@ -238,7 +261,7 @@ class _SubTask:
 class TraceBuilder:
     """Synthesises TaskTraces for WideGeo train tasks over one corpus."""
 
-    def __init__(self, env: Any, corpus_path: str | Path | None = None) -> None:
+    def __init__(self, env: Any, corpus_path: str | Path | None = None, spaced_names: bool = False) -> None:
         if getattr(env, "name", None) != "widegeo":
             raise ValueError(f"TraceBuilder supports the 'widegeo' environment, got {getattr(env, 'name', env)!r}")
         self.env = env
@@ -248,6 +271,7 @@ class TraceBuilder:
         self.search_tools = [make_search_tool(str(self.corpus_path)).spec().to_openai()]
         self.orch_tools = [t.to_openai() for t in orchestrator_tools()]
         self.test_names = _test_country_names(self.data)
+        self.spaced = spaced_names
 
     # ---- stage builders --------------------------------------------------------------------
     def _lookups(self, countries: list[Country], attrs: list[str], prefix: str, keep_fn=None,
@@ -257,7 +281,7 @@ class TraceBuilder:
             chunk = countries[i : i + LOOKUP_CHUNK]
             keep = [c for c in chunk if keep_fn(c)] if keep_fn else None
             text = lookup_task_text([c.name for c in chunk], attrs, filter_note)
-            msgs, ans = run_lookup(self.index, chunk, attrs, keep, filter_note, text)
+            msgs, ans = run_lookup(self.index, chunk, attrs, keep, filter_note, text, self.spaced)
             out.append(_SubTask(f"{prefix}-{len(out) + 1}", text, msgs, ans))
         return out
 
@@ -271,8 +295,9 @@ class TraceBuilder:
             text = (f"List the countries that share a land border with {subj.name}. "
                     "Answer with their names separated by '; '.")
             run = _SubAgentRun(self.index, text)
-            run.step([_find_doc(self.index, f"country:{subj.iso}", [f"Neighbouring countries of {subj.name}", subj.name])])
-            ans = run.answer("; ".join(c.name for c in names), [c.name for c in names])
+            fallback = f"about {subj.name}" if self.spaced else subj.name
+            run.step([_find_doc(self.index, f"country:{subj.iso}", [f"Neighbouring countries of {subj.name}", fallback])])
+            ans = run.answer(list_answer([c.name for c in names], self.spaced), [c.name for c in names])
             return text, run.messages, ans, names
         if t == "continent_countries":
             code = p["continent"]
@@ -282,17 +307,19 @@ class TraceBuilder:
             n_parts = math.ceil(len(members) / 25)
             msgs, ans = run_paged_list(self.index, [f"Countries and territories of {cname} alphabetical",
                                                    f"Countries and territories of {cname}"],
-                                       f"list:continent:{code}:", n_parts, [c.name for c in members], text)
+                                       f"list:continent:{code}:", n_parts, [c.name for c in members], text,
+                                       spaced=self.spaced)
             return text, msgs, ans, members
         if t == "language_countries":
             code = p["language"]
             lang = LANGUAGE_NAMES[code]
             speakers = sorted((c for c in self.data.countries.values() if code in c.languages), key=lambda c: c.name)
             text = f"List all countries and territories where {lang} is spoken. Answer with their names separated by '; '."
-            msgs, ans = run_paged_list(self.index, [f"{lang} is among the languages of these countries and territories",
-                                                   f"Countries and territories where {lang} is spoken"],
+            queries = [f"{lang} is among the languages of these countries and territories",
+                       f"Countries and territories where {lang} is spoken"]
+            msgs, ans = run_paged_list(self.index, queries[::-1] if self.spaced else queries,
                                        f"list:language:{code}:", math.ceil(len(speakers) / 25),
-                                       [c.name for c in speakers], text)
+                                       [c.name for c in speakers], text, spaced=self.spaced)
             return text, msgs, ans, speakers
         raise TraceError(f"task {task.id}: template {t!r} has no listing subtask")
 
@@ -385,7 +412,7 @@ class TraceBuilder:
                            aggregate="concat")
         lister_spec, filler_spec = plan.to_swarm_plan().subagents
         filler_user = compose_task_message(filler_text, [(lister_spec, list_ans)])
-        f_msgs, f_ans = run_lookup(self.index, entities, lookup_attrs, rows, note, filler_user)
+        f_msgs, f_ans = run_lookup(self.index, entities, lookup_attrs, rows, note, filler_user, self.spaced)
         # The filler states only the task's columns.
         f_ans_cols = markdown_table(task.columns, [[_country_value(c, col) for col in task.columns] for c in rows])
         if lookup_attrs != attrs:
@@ -499,20 +526,29 @@ class SynthesisReport:
 
 
 def synthesize(env: Any, tasks: list[Task], corpus_path: str | Path | None = None,
-               allow_test: bool = False, workers: int = 1) -> tuple[list[TaskTrace], SynthesisReport]:
+               allow_test: bool = False, workers: int = 1,
+               spaced_names: bool = False) -> tuple[list[TaskTrace], SynthesisReport]:
     """Traces of the given train tasks; tasks that cannot give a correct, leak-free trace are skipped.
     `allow_test` admits test-split tasks: for measuring a policy on held-out tasks, never for training.
-    `workers` > 1 builds contiguous chunks of tasks in that many processes; the result is the same."""
+    `workers` > 1 builds contiguous chunks of tasks in that many processes; the result is the same.
+    `spaced_names`: list answers and queries in the form where every copied name follows a space."""
     bad = [t.id for t in tasks if t.split != "train"]
     if bad and not allow_test:
         raise TraceError(f"traces are built from train tasks only; got test tasks {bad[:3]}")
     if workers <= 1 or len(tasks) < 2 * workers:
-        return _synthesize_with(TraceBuilder(env, corpus_path), tasks, allow_test)
+        return _synthesize_with(TraceBuilder(env, corpus_path, spaced_names), tasks, allow_test)
     size = -(-len(tasks) // workers)
     chunks = [tasks[i:i + size] for i in range(0, len(tasks), size)]
     # Spawned, not forked: a fork copies locks held by other threads (torch's, JAX's) and can hang.
-    with multiprocessing.get_context("spawn").Pool(len(chunks), _init_worker, (env, corpus_path)) as pool:
-        parts = pool.starmap(_synthesize_in_worker, [(c, allow_test) for c in chunks])
+    # An executor, not a Pool: a worker that dies (or whose initializer fails) raises BrokenProcessPool
+    # here instead of being replaced forever.
+    try:
+        with ProcessPoolExecutor(len(chunks), mp_context=multiprocessing.get_context("spawn"),
+                                 initializer=_init_worker, initargs=(env, corpus_path, spaced_names)) as pool:
+            parts = list(pool.map(_synthesize_in_worker, chunks, [allow_test] * len(chunks)))
+    except BrokenProcessPool as e:
+        raise TraceError("a trace-synthesis worker process died (its error is printed above); "
+                         "with one worker the synthesis runs, and fails, in this process") from e
     out: list[TaskTrace] = []
     report = SynthesisReport()
     for traces, rep in parts:
@@ -528,9 +564,9 @@ def synthesize(env: Any, tasks: list[Task], corpus_path: str | Path | None = Non
 _WORKER_BUILDER: TraceBuilder | None = None
 
 
-def _init_worker(env: Any, corpus_path: str | Path | None) -> None:
+def _init_worker(env: Any, corpus_path: str | Path | None, spaced_names: bool) -> None:
     global _WORKER_BUILDER
-    _WORKER_BUILDER = TraceBuilder(env, corpus_path)
+    _WORKER_BUILDER = TraceBuilder(env, corpus_path, spaced_names)
 
 
 def _synthesize_in_worker(tasks: list[Task], allow_test: bool) -> tuple[list[TaskTrace], SynthesisReport]:

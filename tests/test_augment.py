@@ -95,3 +95,23 @@ def test_place_fake_names_are_drawn_from_the_pool_and_unique(traces):
     assert any(n in joined for n in place_names())  # the subject now reads as some train-split city
     with pytest.raises(ValueError, match="fake names 'emoji'"):
         fake_entity_copy(conv, entities, "p/0", names="emoji")  # type: ignore[arg-type]
+
+
+def test_fake_languages_renames_the_language_of_a_language_task():
+    from planner.envs.geodata import LANGUAGE_NAMES
+
+    env = get_env("widegeo")
+    task = next(t for t in env.tasks("train", 40, seed=3) if t.meta["template"] == "language_countries")
+    trace = synthesize(env, [task])[0][0]
+    lang = LANGUAGE_NAMES[task.meta["params"]["language"]]
+    assert lang not in task_entities(trace) and lang in task_entities(trace, languages=True)
+    checked = 0
+    for conv in trace.conversations:
+        text = json.dumps([m.get("content") for m in conv.messages[1:]], ensure_ascii=False)
+        if lang not in text:
+            continue
+        checked += 1
+        fake = fake_entity_copy(conv, task_entities(trace, languages=True), "s", "places")
+        renamed = json.dumps([m.get("content") for m in fake.messages[1:]], ensure_ascii=False)
+        assert not re.search(rf"(?<!\w){re.escape(lang)}(?!\w)", renamed), conv.kind
+    assert checked >= 2  # the lister and the plan name the language at least

@@ -50,3 +50,15 @@ def test_copy_positions_reports_each_setting(tiny_ckpt: str, capsys: pytest.Capt
     assert all(a < 0.5 for *_, a in res)
     assert main(["--checkpoint", tiny_ckpt, "--copy-positions"]) == 0
     assert "copy acc" in capsys.readouterr().out
+
+
+def test_a_checkpoint_is_scored_on_the_trace_form_it_was_trained_on(tmp_path):
+    import json as _json
+
+    from planner.probe import trained_spaced
+
+    assert not trained_spaced(str(tmp_path))  # no policy.json: the plain form
+    (tmp_path / "policy.json").write_text(_json.dumps({"config": {"spaced_names": True}}))
+    assert trained_spaced(str(tmp_path))
+    (tmp_path / "policy.json").write_text(_json.dumps({"config": {"spaced_names": False}}))
+    assert not trained_spaced(str(tmp_path))

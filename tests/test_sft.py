@@ -18,7 +18,7 @@ from model_shards.tokenizer import ByteTokenizer
 from planner.envs import get_env
 import planner.sft
 from planner.sft import (
-    DATA_CACHE_FILE,
+    DATA_FILE,
     LOG_FILE,
     POLICY_FILE,
     STATE_FILE,
@@ -296,20 +296,38 @@ def test_device_choice():
     assert "--synth-workers" not in _argv_of(cfg) and "--device" in _argv_of(cfg)
 
 
-def test_resume_reuses_the_cached_data(tmp_path, monkeypatch):
-    cfg = SFTConfig(preset="tiny", out=str(tmp_path), steps=2, train_tasks=2, eval_tasks=1, data_seed=4,
+def test_encoded_data_is_built_once_and_reused_where_the_recipe_matches(tmp_path, monkeypatch):
+    cfg = SFTConfig(preset="tiny", out=str(tmp_path / "a"), steps=2, train_tasks=2, eval_tasks=1, data_seed=4,
                     kinds=["orchestrator_plan"], batch_tokens=2048, threads=2)
     train(cfg, stop_after=1)
-    assert (tmp_path / DATA_CACHE_FILE).is_file()
+    built = tmp_path / "a" / DATA_FILE
+    assert built.is_file()
+    # Carried elsewhere (another output directory, another machine): --build-data-only finds it done.
+    carried = tmp_path / "carried.xz"
+    carried.write_bytes(built.read_bytes())
 
     def no_synthesis(*a, **k):
-        raise AssertionError("resume synthesized the data again")
+        raise AssertionError("the data was synthesized again")
 
-    monkeypatch.setattr(planner.sft, "build_data", no_synthesis)
-    assert train(cfg, resume=True).steps == 2
-    # A different recipe does not take the cache: it builds its own data.
-    with pytest.raises(AssertionError, match="synthesized the data again"):
-        train(cfg.model_copy(update={"data_seed": 5}), resume=True)
+    with monkeypatch.context() as m:
+        m.setattr(planner.sft, "build_data", no_synthesis)
+        assert train(cfg, resume=True).steps == 2
+        other_dir = cfg.model_copy(update={"out": str(tmp_path / "b"), "data_file": str(carried), "lr": 1e-3})
+        assert train(other_dir, stop_after=1).steps == 1
+        assert planner.sft.main(["--preset", "tiny", "--out", str(tmp_path / "c"), "--train-tasks", "2", "--eval-tasks", "1",
+                                 "--data-seed", "4", "--kinds", "orchestrator_plan", "--data-file", str(carried),
+                                 "--build-data-only"]) == 0
+        assert not (tmp_path / "c" / STATE_FILE).exists()  # built (found) the data, trained nothing
+        # Another recipe does not take the file: it builds its own data.
+        with pytest.raises(AssertionError, match="synthesized again"):
+            train(other_dir.model_copy(update={"data_seed": 5}), stop_after=1)
+    # The stored data is the data: a run on the file equals a run that built it.
+    fresh = train(cfg.model_copy(update={"out": str(tmp_path / "d")}), stop_after=1)
+    reused = train(cfg.model_copy(update={"out": str(tmp_path / "e"), "data_file": str(carried)}), stop_after=1)
+    assert fresh.last_loss == reused.last_loss
+    (tmp_path / "junk.xz").write_bytes(b"not data")
+    with pytest.raises(ValueError, match="is not an SFT data file"):
+        train(cfg.model_copy(update={"data_file": str(tmp_path / "junk.xz")}))
 
 
 def test_ctrl_c_stops_between_steps_and_saves_a_resumable_state(tmp_path, data, monkeypatch):
@@ -333,3 +351,23 @@ def test_ctrl_c_stops_between_steps_and_saves_a_resumable_state(tmp_path, data, 
     assert events[-1] == {"event": "interrupted", "step": 3}
     resumed = train(_cfg(tmp_path / "cut", 4), resume=True, data=data)
     assert not resumed.interrupted and resumed.last_loss == whole.last_loss
+
+
+def test_data_file_round_trips_wide_vocabularies(tmp_path):
+    from planner.sft_data import load_data, save_data
+    from planner.traces import EncodedExample
+
+    examples = [EncodedExample("subagent", "t1", [1, 70_000, 5], [0, 1, 1]), EncodedExample("aggregate", "t2", [9], [1])]
+    save_data(tmp_path / "d.xz", {"k": 1}, {"train": examples}, {"n": 2})
+    assert load_data(tmp_path / "d.xz", {"k": 1}) == ({"train": examples}, {"n": 2})
+    assert load_data(tmp_path / "d.xz", {"k": 2}) is None
+    assert load_data(tmp_path / "missing.xz", {"k": 1}) is None
+
+
+def test_spaced_names_and_fake_languages_are_part_of_the_data_recipe(tmp_path):
+    cfg, _, _ = parse_args(["--out", str(tmp_path), "--fake-entity-copies", "1", "--spaced-names", "--fake-languages"])
+    assert cfg.spaced_names and cfg.fake_languages and parse_args(_argv_of(cfg))[0] == cfg
+    plain = cfg.model_copy(update={"spaced_names": False, "fake_languages": False})
+    assert planner.sft.data_key(cfg) != planner.sft.data_key(plain)
+    with pytest.raises(ValueError, match="--fake-languages needs --fake-entity-copies"):
+        build_data(SFTConfig(preset="tiny", out=str(tmp_path), train_tasks=1, eval_tasks=0, fake_languages=True), 4096)

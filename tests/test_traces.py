@@ -200,3 +200,30 @@ def test_synthesis_in_worker_processes_gives_the_same_traces(env, traced):
     assert par_report.as_dict() == report.as_dict()
     assert [c.messages for tr in par_traces for c in tr.conversations] == \
         [c.messages for tr in traces for c in tr.conversations]
+
+
+def test_spaced_names_put_every_copied_name_after_a_space(env, traced):
+    from planner.augment import task_entities
+    from planner.traces import LIST_LABEL, list_items
+
+    tasks, plain, _ = traced
+    spaced, report = synthesize(env, tasks, spaced_names=True)
+    assert report.tasks_used == len(plain)
+    lists = queries = 0
+    for sp, pl in zip(spaced, plain):
+        assert sp.task.id == pl.task.id
+        assert env.score(sp.task, sp.plan_answer).item_f1 == 1.0
+        names = task_entities(sp)
+        for c_sp, c_pl in zip(sp.conversations, pl.conversations):
+            if c_sp.kind != "subagent":
+                continue
+            answer, plain_answer = c_sp.messages[-1]["content"], c_pl.messages[-1]["content"]
+            if not answer.startswith("|"):  # a list: labelled, the same names in the same order
+                assert answer.startswith(LIST_LABEL) and list_items(answer) == plain_answer.split("; ")
+                lists += 1
+            for m in c_sp.messages:
+                for call in m.get("tool_calls") or []:
+                    q = json.loads(call["function"]["arguments"])["query"]
+                    assert not any(q.startswith(n) for n in names), q
+                    queries += 1
+    assert lists >= 4 and queries > 20
