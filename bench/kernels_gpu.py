@@ -220,14 +220,15 @@ def compile_only(arch: int) -> int:
         mods["int4"].int4_linear_triton(torch.empty(m, H, dtype=bf16), packed, scale)
     E = 2
     wg, wu, wd = torch.empty(E, I, H, dtype=bf16), torch.empty(E, I, H, dtype=bf16), torch.empty(E, H, I, dtype=bf16)
-    for n in (1, 64):  # decode (BLOCK_M 16) and prefill (BLOCK_M 64)
+    for n, split_k in ((1, 1), (1, 4), (64, 1)):  # decode (BLOCK_M 16; split-K) and prefill (BLOCK_M 64)
         ids, tw = torch.randint(0, E, (n, 8)), torch.rand(n, 8)
-        mods["fused_moe"].fused_moe_triton(torch.empty(n, H, dtype=bf16), wg, wu, wd, ids, tw)
+        mods["fused_moe"].fused_moe_triton(torch.empty(n, H, dtype=bf16), wg, wu, wd, ids, tw, split_k=split_k)
     q4 = [torch.zeros(E, I, H // 8, dtype=torch.int32), torch.empty(E, I, H // 32, dtype=bf16)]
     d4 = [torch.zeros(E, H, I // 8, dtype=torch.int32), torch.empty(E, H, I // 32, dtype=bf16)]
     ids, tw = torch.randint(0, E, (1, 8)), torch.rand(1, 8)
-    mods["fused_moe"].fused_moe_triton(torch.empty(1, H, dtype=bf16), q4[0], q4[0], d4[0], ids, tw,
-                                       scales=(q4[1], q4[1], d4[1]))
+    for split_k in (1, 4):
+        mods["fused_moe"].fused_moe_triton(torch.empty(1, H, dtype=bf16), q4[0], q4[0], d4[0], ids, tw,
+                                           scales=(q4[1], q4[1], d4[1]), split_k=split_k)
     for dtype in (bf16, torch.float32):
         mods["mla_decode"].mla_decode_triton(
             torch.empty(2, 16, R, dtype=dtype), torch.empty(2, 16, P, dtype=dtype), torch.empty(2, 64, R, dtype=dtype),
@@ -352,8 +353,14 @@ def _moe_bytes(ids, sh: Shapes, per_expert_bytes: float, n: int) -> float:
     return touched * per_expert_bytes + 2 * n * sh.hidden * 2
 
 
+SPLIT_KS = (2, 4, 8)  # split-K launches tried at the smallest decode batches (fused_moe_triton(split_k=...))
+SPLIT_K_MAX_TOKENS = 8
+
+
 def bench_fused_moe(K, sh: Shapes, device: str, timer) -> list[Row]:
     import torch
+
+    from model_shards.kernels.fused_moe import fused_moe_triton
 
     rows = []
     E, H, I = sh.experts, sh.hidden, sh.moe_inter
@@ -376,6 +383,13 @@ def bench_fused_moe(K, sh: Shapes, device: str, timer) -> list[Row]:
                         timer(lambda: K.fused_moe(x, wg, wu, wd, ids, tw)),
                         timer(lambda: K.fused_moe_ref(x, wg, wu, wd, ids, tw)), err, ok,
                         bytes_moved=_moe_bytes(ids, sh, expert_bytes_bf16, n), flops=local * 3 * 2 * H * I))
+        for split_k in SPLIT_KS if n <= SPLIT_K_MAX_TOKENS else ():
+            def run(split_k=split_k):
+                return fused_moe_triton(x, wg, wu, wd, ids, tw, split_k=split_k)
+            err, ok = _compare(run(), K.fused_moe_ref(x, wg, wu, wd, ids, tw))
+            rows.append(Row("fused_moe", f"decode N={n} k={sh.top_k} E={E}/{sh.routed_total} bf16 split_k={split_k}",
+                            timer(run), timer(lambda: K.fused_moe_ref(x, wg, wu, wd, ids, tw)), err, ok,
+                            bytes_moved=_moe_bytes(ids, sh, expert_bytes_bf16, n), flops=local * 3 * 2 * H * I))
     del wg, wu, wd
     if device == "cuda":
         torch.cuda.empty_cache()
@@ -400,6 +414,14 @@ def bench_fused_moe(K, sh: Shapes, device: str, timer) -> list[Row]:
                         timer(lambda: K.fused_moe_int4(x, *packs, ids, tw)),
                         timer(lambda: K.fused_moe_int4_ref(x, *packs, ids, tw)), err, ok,
                         bytes_moved=_moe_bytes(ids, sh, expert_bytes_int4, n), flops=local * 3 * 2 * H * I))
+        for split_k in SPLIT_KS if n <= SPLIT_K_MAX_TOKENS else ():
+            def run4(split_k=split_k):
+                return fused_moe_triton(x, packs[0], packs[2], packs[4], ids, tw, scales=(packs[1], packs[3], packs[5]),
+                                        split_k=split_k)
+            err, ok = _compare(run4(), K.fused_moe_int4_ref(x, *packs, ids, tw))
+            rows.append(Row("fused_moe_int4", f"decode N={n} k={sh.top_k} E={E}/{sh.routed_total} int4 g32 split_k={split_k}",
+                            timer(run4), timer(lambda: K.fused_moe_int4_ref(x, *packs, ids, tw)), err, ok,
+                            bytes_moved=_moe_bytes(ids, sh, expert_bytes_int4, n), flops=local * 3 * 2 * H * I))
     return rows
 
 

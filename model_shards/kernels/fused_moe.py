@@ -77,16 +77,20 @@ def _load_weight_tile(w_ptr, s_ptr, k0, K, offs_k, offs_n, n_mask, stride_wn, st
 
 @triton.jit
 def _moe_gate_up_kernel(
-    x_ptr, wg_ptr, wu_ptr, sg_ptr, su_ptr, h_ptr,
+    x_ptr, wg_ptr, wu_ptr, sg_ptr, su_ptr, h_ptr, g_ptr, u_ptr,
     sorted_ptr, expert_ptr, num_padded_ptr,
-    num_assign, H, I,
+    num_assign, H, I, k_per_split,
     stride_xm, stride_we, stride_wn, stride_se, stride_sn, stride_hm,
     TOP_K: tl.constexpr, INT4: tl.constexpr, GROUP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, SPLIT_K: tl.constexpr,
 ):
+    """One (tile, N block[, K slice]). SPLIT_K: program axis 2 takes k_per_split of H and adds its partial
+    gate and up sums into fp32 g/u ([num_assign, I], atomics): more programs when few tokens are routed,
+    and SiLU-and-mul runs after all slices are in."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
+    pid_k = tl.program_id(2)
     if pid_m * BLOCK_M >= tl.load(num_padded_ptr):
         return
     expert = tl.load(expert_ptr + pid_m).to(tl.int64)
@@ -104,7 +108,8 @@ def _moe_gate_up_kernel(
     su_base = su_ptr + expert * stride_se
     acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, H, BLOCK_K):
+    k_lo = pid_k * k_per_split
+    for k0 in range(k_lo, tl.minimum(k_lo + k_per_split, H), BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         k_mask = offs_k < H
         a = tl.load(x_ptr + tok[:, None] * stride_xm + offs_k[None, :], mask=row_mask[:, None] & k_mask[None, :], other=0.0)
@@ -112,23 +117,29 @@ def _moe_gate_up_kernel(
         wu = _load_weight_tile(wu_base, su_base, k0, H, offs_k, offs_n, n_mask, stride_wn, stride_sn, INT4, GROUP, BLOCK_K)
         acc_g = mma(a, wg.to(a.dtype), acc_g, DOT_PRECISION, UPCAST)
         acc_u = mma(a, wu.to(a.dtype), acc_u, DOT_PRECISION, UPCAST)
-    h = acc_g * tl.sigmoid(acc_g) * acc_u
-    tl.store(h_ptr + ids[:, None] * stride_hm + offs_n[None, :], h.to(h_ptr.dtype.element_ty),
-             mask=row_mask[:, None] & n_mask[None, :])
+    out_mask = row_mask[:, None] & n_mask[None, :]
+    if SPLIT_K:
+        tl.atomic_add(g_ptr + ids[:, None] * I + offs_n[None, :], acc_g, mask=out_mask)
+        tl.atomic_add(u_ptr + ids[:, None] * I + offs_n[None, :], acc_u, mask=out_mask)
+    else:
+        h = acc_g * tl.sigmoid(acc_g) * acc_u
+        tl.store(h_ptr + ids[:, None] * stride_hm + offs_n[None, :], h.to(h_ptr.dtype.element_ty), mask=out_mask)
 
 
 @triton.jit
 def _moe_down_kernel(
     h_ptr, wd_ptr, sd_ptr, topk_w_ptr, y_ptr,
     sorted_ptr, expert_ptr, num_padded_ptr,
-    num_assign, H, I,
+    num_assign, H, I, k_per_split,
     stride_hm, stride_we, stride_wn, stride_se, stride_sn, stride_ym,
     INT4: tl.constexpr, GROUP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, SPLIT_K: tl.constexpr,
 ):
+    """One (tile, N block[, K slice]); SPLIT_K adds the weighted partial into fp32 y with atomics."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
+    pid_k = tl.program_id(2)
     if pid_m * BLOCK_M >= tl.load(num_padded_ptr):
         return
     expert = tl.load(expert_ptr + pid_m).to(tl.int64)
@@ -142,7 +153,8 @@ def _moe_down_kernel(
     wd_base = wd_ptr + expert * stride_we
     sd_base = sd_ptr + expert * stride_se
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, I, BLOCK_K):
+    k_lo = pid_k * k_per_split
+    for k0 in range(k_lo, tl.minimum(k_lo + k_per_split, I), BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         k_mask = offs_k < I
         a = tl.load(h_ptr + ids[:, None] * stride_hm + offs_k[None, :], mask=row_mask[:, None] & k_mask[None, :], other=0.0)
@@ -150,8 +162,11 @@ def _moe_down_kernel(
         acc = mma(a, w.to(a.dtype), acc, DOT_PRECISION, UPCAST)
     route_w = tl.load(topk_w_ptr + ids, mask=row_mask, other=0.0).to(tl.float32)
     acc = acc * route_w[:, None]
-    tl.store(y_ptr + ids[:, None] * stride_ym + offs_n[None, :], acc.to(y_ptr.dtype.element_ty),
-             mask=row_mask[:, None] & n_mask[None, :])
+    out_mask = row_mask[:, None] & n_mask[None, :]
+    if SPLIT_K:
+        tl.atomic_add(y_ptr + ids[:, None] * stride_ym + offs_n[None, :], acc, mask=out_mask)
+    else:
+        tl.store(y_ptr + ids[:, None] * stride_ym + offs_n[None, :], acc.to(y_ptr.dtype.element_ty), mask=out_mask)
 
 
 def _block_m(num_assign: int, num_experts: int) -> int:
@@ -173,9 +188,13 @@ def fused_moe_triton(
     topk_weights: Tensor,
     scales: tuple[Tensor, Tensor, Tensor] | None = None,
     group_size: int = 32,
+    split_k: int = 1,
 ) -> Tensor:
     """Triton fused MoE. With `scales`, the three weights are INT4 packed ([E, out, in/8] int32) and
-    `scales` holds their ([E, out, in/group]) scales; shapes are validated by the caller (kernels/__init__)."""
+    `scales` holds their ([E, out, in/group]) scales; shapes are validated by the caller (kernels/__init__).
+    `split_k` > 1 splits both GEMMs' reduction over that many programs per tile (fp32 atomics): for
+    decode at one or a few tokens, where one program per (tile, N block) is too few to keep HBM busy.
+    Sums then run in another order, so results differ from split_k=1 by rounding."""
     N, H = x.shape
     top_k = topk_ids.shape[1]
     num_experts = w_gate.shape[0]
@@ -199,26 +218,37 @@ def fused_moe_triton(
     num_tiles = aligned.expert_ids.numel()
     dots = dot_config(x.dtype)
     block_k = 64 if int4 else 32 if x.dtype == torch.float32 else 64
+    if split_k < 1:
+        raise ValueError(f"split_k must be >= 1, got {split_k}")
+    split = split_k > 1
+    # Each slice covers whole BLOCK_K steps (and so whole INT4 groups, which divide BLOCK_K).
+    k_per_split1 = triton.cdiv(triton.cdiv(H, split_k), block_k) * block_k
+    k_per_split2 = triton.cdiv(triton.cdiv(I, split_k), block_k) * block_k
     h = torch.empty((num_assign, I), dtype=x.dtype, device=x.device)
+    # Split partial sums (zeroed: assignments of other ranks' experts and padding get no atomics).
+    g = torch.zeros((num_assign, I) if split else (1,), dtype=torch.float32, device=x.device)
+    u = torch.zeros_like(g)
     block_n1 = 64
-    _moe_gate_up_kernel[(num_tiles, triton.cdiv(I, block_n1))](
-        x, w_gate, w_up, s_gate, s_up, h,
+    _moe_gate_up_kernel[(num_tiles, triton.cdiv(I, block_n1), triton.cdiv(H, k_per_split1))](
+        x, w_gate, w_up, s_gate, s_up, h, g, u,
         aligned.sorted_ids, aligned.expert_ids, aligned.num_padded,
-        num_assign, H, I,
+        num_assign, H, I, k_per_split1,
         x.stride(0), w_gate.stride(0), w_gate.stride(1), s_gate.stride(0), s_gate.stride(1), h.stride(0),
         TOP_K=top_k, INT4=int4, GROUP=group_size,
-        BLOCK_M=block_m, BLOCK_N=block_n1, BLOCK_K=block_k, **dots,
+        BLOCK_M=block_m, BLOCK_N=block_n1, BLOCK_K=block_k, SPLIT_K=split, **dots,
     )
+    if split:
+        h = (torch.nn.functional.silu(g) * u).to(x.dtype)
     # Zero rows stay for assignments routed to other ranks' experts, so the k-sum skips them.
-    y = torch.zeros((num_assign, H), dtype=x.dtype, device=x.device)
+    y = torch.zeros((num_assign, H), dtype=torch.float32 if split else x.dtype, device=x.device)
     route_w = topk_weights.reshape(-1).contiguous()
     block_n2 = 64
-    _moe_down_kernel[(num_tiles, triton.cdiv(H, block_n2))](
+    _moe_down_kernel[(num_tiles, triton.cdiv(H, block_n2), triton.cdiv(I, k_per_split2))](
         h, w_down, s_down, route_w, y,
         aligned.sorted_ids, aligned.expert_ids, aligned.num_padded,
-        num_assign, H, I,
+        num_assign, H, I, k_per_split2,
         h.stride(0), w_down.stride(0), w_down.stride(1), s_down.stride(0), s_down.stride(1), y.stride(0),
         INT4=int4, GROUP=group_size,
-        BLOCK_M=block_m, BLOCK_N=block_n2, BLOCK_K=block_k, **dots,
+        BLOCK_M=block_m, BLOCK_N=block_n2, BLOCK_K=block_k, SPLIT_K=split, **dots,
     )
     return y.view(N, top_k, H).sum(dim=1, dtype=torch.float32).to(x.dtype)
