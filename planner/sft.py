@@ -348,12 +348,17 @@ def _save_data(cfg: SFTConfig, data: SFTData) -> None:
               data.report)
 
 
+def _max_len(cfg: SFTConfig, mcfg: ModelConfig) -> int:
+    """The longest example kept: --max-len, else the model's context."""
+    return cfg.max_len or mcfg.max_position_embeddings
+
+
 def prepare_data(cfg: SFTConfig) -> Path:
     """Builds the run's data (unless its file already holds it) and writes it; returns the file."""
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     if _load_data(cfg) is None:
-        data, _ = build_data(cfg, cfg.max_len or ModelConfig.preset(cfg.preset).max_position_embeddings, out)
+        data, _ = build_data(cfg, _max_len(cfg, ModelConfig.preset(cfg.preset)), out)
         _save_data(cfg, data)
     return _data_path(cfg)
 
@@ -451,7 +456,7 @@ def train(cfg: SFTConfig, resume: bool = False, data: SFTData | None = None, sto
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     mcfg = ModelConfig.preset(cfg.preset)
-    max_len = cfg.max_len or mcfg.max_position_embeddings
+    max_len = _max_len(cfg, mcfg)
     if data is None and not cfg.tokenizer.startswith("bpe:"):  # a BPE run trains its vocabulary from the traces
         data = _load_data(cfg)
     if data is None:

@@ -34,7 +34,7 @@ from planner.envs.base import Task
 from planner.envs.geodata import CONTINENT_NAMES, LANGUAGE_NAMES, Country, GeoData, format_int, split_of_country
 from planner.plan_schema import CompactAgent, CompactPlan, compact_plan_json
 from planner.prompts import PLAN_MODE_PROMPT, SUBAGENT_SYSTEM_PROMPT, aggregate_table_prompt
-from swarm.messages import AGGREGATOR_SYSTEM_PROMPT, compose_task_message, result_label
+from swarm.messages import AGGREGATOR_SYSTEM_PROMPT, aggregate_user_message, compose_task_message, concat_results
 from swarm.orchestrator import ASSIGN_TASK, CREATE_SUBAGENT, orchestrator_system_prompt, orchestrator_tools
 from swarm.plans import JobSpec, SubAgentSpec
 from workers.tools.search import CorpusIndex, SearchArgs, build_index, format_hits, make_search_tool
@@ -380,12 +380,12 @@ class TraceBuilder:
         convs = [Conversation("subagent", task.id, "top_cities", s.messages, self.search_tools) for s in subs]
         convs.append(orch)
         convs.append(self._plan_conv(task, plan))
-        results = [(result_label(spec), s.answer) for spec, s in zip(plan.to_swarm_plan().subagents, subs)]
+        results = [(spec, s.answer) for spec, s in zip(plan.to_swarm_plan().subagents, subs)]
         if agg:
             agg_conv, plan_answer = self._aggregate_conv(task, plan, results, final)
             convs.append(agg_conv)
         else:
-            plan_answer = _concat(results)
+            plan_answer = concat_results(results)
         return TaskTrace(task, convs, final, plan, plan_answer)
 
     def _build_listing(self, task: Task) -> TaskTrace:
@@ -423,7 +423,7 @@ class TraceBuilder:
         convs.append(Conversation("subagent", task.id, t, f_msgs, self.search_tools))
         convs.append(orch)
         convs.append(self._plan_conv(task, plan))
-        plan_answer = _concat([(result_label(lister_spec), list_ans), (result_label(filler_spec), f_ans)])
+        plan_answer = concat_results([(lister_spec, list_ans), (filler_spec, f_ans)])
         return TaskTrace(task, convs, final, plan, plan_answer)
 
     # ---- orchestrator conversations ------------------------------------------------------------
@@ -459,10 +459,10 @@ class TraceBuilder:
                     {"role": "assistant", "content": compact_plan_json(plan)}]
         return Conversation("orchestrator_plan", task.id, task.meta["template"], messages, None)
 
-    def _aggregate_conv(self, task: Task, plan: CompactPlan, results: list[tuple[str, str]], final: str) -> tuple[Conversation, str]:
-        body = "\n\n".join(f"### Result of {rid}\n{text}" for rid, text in results)
+    def _aggregate_conv(self, task: Task, plan: CompactPlan, results: list[tuple[SubAgentSpec, str]],
+                        final: str) -> tuple[Conversation, str]:
         messages = [{"role": "system", "content": AGGREGATOR_SYSTEM_PROMPT},
-                    {"role": "user", "content": f"{plan.aggregate_prompt.strip()}\n\n{body}"},
+                    {"role": "user", "content": aggregate_user_message(plan.aggregate_prompt, results)},
                     {"role": "assistant", "content": final}]
         return Conversation("aggregate", task.id, task.meta["template"], messages, None), final
 
@@ -470,11 +470,6 @@ class TraceBuilder:
     def find_test_entities(self, text: str) -> list[str]:
         """Test-split country names or documents shown in `text` (train names containing one are masked)."""
         return find_test_entities(text, self.test_names, self.data)
-
-
-def _concat(results: list[tuple[str, str]]) -> str:
-    """swarm.messages.concat_results over (result_label, text) pairs."""
-    return "\n\n".join(f"## {rid}\n{text}" for rid, text in results)
 
 
 def _test_country_names(data: GeoData) -> tuple[list[str], list[str], set[str]]:
