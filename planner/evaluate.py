@@ -70,8 +70,16 @@ def single_agent_spec(task: Task, settings: Settings, corpus: str, tools: list[s
     )
 
 
-def select_tasks(tasks: Sequence[Task], n: int | None = None, max_rows: int | None = None) -> list[Task]:
-    """Tasks with at most max_rows gold rows (all when None), then the first n of them."""
+def select_tasks(tasks: Sequence[Task], n: int | None = None, max_rows: int | None = None,
+                 task_ids: Sequence[str] | None = None) -> list[Task]:
+    """Tasks with at most max_rows gold rows (all when None), then the first n of them; `task_ids`
+    (when given) keeps only those tasks, in the eval set's order. An unknown id is an error naming it."""
+    if task_ids:
+        known = {t.id for t in tasks}
+        unknown = [i for i in task_ids if i not in known]
+        if unknown:
+            raise ValueError(f"no task {', '.join(map(repr, unknown))} in the eval set (ids look like {tasks[0].id!r})")
+        tasks = [t for t in tasks if t.id in set(task_ids)]
     if n is not None and n < 1:
         raise ValueError(f"--n must be >= 1, got {n}")
     if max_rows is not None and max_rows < 1:
@@ -155,12 +163,13 @@ def run_eval(
     checkpoint: str | Path | None = None,
     tp: int = 2,
     engine_options: dict[str, Any] | None = None,
+    task_ids: Sequence[str] | None = None,
 ) -> int:
     """Run the evaluation; returns the exit code (0 every job succeeded, 1 some failed, 2 no model).
     The model is chosen as for `swarm demo` (planner.builtin.select_model): `checkpoint` if given, else
     the configured endpoint, else the built-in policy, served with `tp` shards; `orchestrator` None
     means the model's default. Raises ValueError for bad arguments (unknown env, policy or
-    orchestrator; no task selected)."""
+    orchestrator or task id; no task selected)."""
     from planner.builtin import NoModelError, running_model, select_model
 
     console = console or Console()
@@ -171,7 +180,7 @@ def run_eval(
     if tp < 1:
         raise ValueError(f"--tp must be >= 1, got {tp}")
     env = get_env(env_name)
-    tasks = select_tasks(env.eval_set(), n, max_rows)
+    tasks = select_tasks(env.eval_set(), n, max_rows, task_ids)
     settings = settings or load_settings()
     try:
         selection = select_model(settings, checkpoint, orchestrator)

@@ -41,7 +41,8 @@ from planner.copy_pretrain import (MAX_K, MIN_K, RECALL_MAX_K, RECALL_MIN_K, cop
                                    recall_loss, text_token_ids)
 from planner.augment import FAKE_NAME_KINDS, FakeNames, fake_entity_copy, task_entities
 from planner.sft_data import load_data, save_data, tokenizer_fingerprint
-from planner.traces import KINDS, Conversation, EncodedExample, encode_conversation, length_stats, synthesize
+from planner.traces import (KINDS, TRACE_VERSION, Conversation, EncodedExample, encode_conversation, length_stats,
+                            synthesize)
 
 STATE_FILE = "train_state.pt"
 LOG_FILE = "train_log.jsonl"
@@ -328,6 +329,7 @@ def data_key(cfg: SFTConfig) -> dict[str, Any]:
     """What the encoded data is a function of: a data file built under the same key is the same data."""
     key = {k: v for k, v in cfg.model_dump(mode="json").items() if k in _DATA_FIELDS}
     key["tokenizer"] = tokenizer_fingerprint(cfg.init_from or cfg.tokenizer)
+    key["trace_version"] = TRACE_VERSION
     return key
 
 

@@ -43,6 +43,9 @@ from model_shards.chat_template import render_segments
 KINDS: tuple[str, ...] = ("subagent", "orchestrator_tools", "orchestrator_plan", "aggregate")
 
 AGENT_NAME = "geo_researcher"
+# Bumped whenever the traces built from the same tasks change (their form, or the search ranking they
+# show): encoded data files are keyed by it, so a stale file is rebuilt, not reused.
+TRACE_VERSION = 2
 LOOKUP_CHUNK = 3  # entities per lookup sub-agent: each lookup shows ~600 characters of results
 CITY_CHUNK = 30  # city ranks per sub-agent (two 15-city list documents)
 ATTR_WORDS = {"capital": "capital", "population": "population", "area_km2": "area",
@@ -169,6 +172,12 @@ def _find_doc(index: CorpusIndex, doc_id: str, queries: list[str], max_k: int = 
 LIST_LABEL = "Countries: "
 
 
+def _in_answer_order(countries: list[Country], answer: str) -> list[Country]:
+    """`countries` in the order a list answer names them (the filler looks them up in that order)."""
+    by_name = {c.name: c for c in countries}
+    return [by_name[n] for n in list_items(answer)]
+
+
 def list_answer(names: list[str], spaced: bool = False) -> str:
     return (LIST_LABEL if spaced else "") + "; ".join(names)
 
@@ -205,21 +214,24 @@ def run_lookup(index: CorpusIndex, countries: list[Country], attrs: list[str],
 def run_paged_list(index: CorpusIndex, queries: list[str], doc_prefix: str, n_parts: int,
                    names: list[str], task_text: str, part_size: int = 25, spaced: bool = False) -> tuple[list[dict], str]:
     """A list spread over parts `doc_prefix`1..n: one search first (its title tells how many parts
-    there are), then the parts still missing, in one parallel step."""
+    there are), then the parts still missing, in one parallel step. The answer lists the parts in
+    the order the results showed them, so writing it is one sequential copy."""
     run = _SubAgentRun(index, task_text)
     first = run.step([(queries[0], 1)])[0]
-    have = set(first)
-    rest = []
-    for p in range(1, n_parts + 1):
-        doc = f"{doc_prefix}{p}"
-        if doc in have:
+    parts = list(range(1, n_parts + 1))
+    shown = [p for p in parts if f"{doc_prefix}{p}" in first]
+    rest, fetched = [], []
+    for p in parts:
+        if p in shown:
             continue
         s, e = (p - 1) * part_size + 1, min(p * part_size, len(names))
-        q, k = _find_doc(index, doc, [f"{q0} {s} to {e}" for q0 in queries] + [f"{q0} part {p}" for q0 in queries], max_k=6)
+        q, k = _find_doc(index, f"{doc_prefix}{p}", [f"{q0} {s} to {e}" for q0 in queries] + [f"{q0} part {p}" for q0 in queries], max_k=6)
         rest.append((q, k))
+        fetched.append(p)
     if rest:
         run.step(rest)
-    return run.messages, run.answer(list_answer(names, spaced), names)
+    ordered = [n for p in shown + fetched for n in names[(p - 1) * part_size : p * part_size]]
+    return run.messages, run.answer(list_answer(ordered, spaced), ordered)
 
 
 def city_task_text(country: str, start: int, end: int) -> str:
@@ -291,7 +303,9 @@ class TraceBuilder:
         t = task.meta["template"]
         if t == "neighbours":
             subj = self.data.country(p["country"])
-            names = sorted(self.data.neighbours_of(subj.iso), key=lambda c: c.name)
+            # In the order the country's document lists them: a copy, not a sort, which a small
+            # model cannot do (sorted, the first name is a guess among the capital letters).
+            names = self.data.neighbours_of(subj.iso)
             text = (f"List the countries that share a land border with {subj.name}. "
                     "Answer with their names separated by '; '.")
             run = _SubAgentRun(self.index, text)
@@ -309,7 +323,7 @@ class TraceBuilder:
                                                    f"Countries and territories of {cname}"],
                                        f"list:continent:{code}:", n_parts, [c.name for c in members], text,
                                        spaced=self.spaced)
-            return text, msgs, ans, members
+            return text, msgs, ans, _in_answer_order(members, ans)
         if t == "language_countries":
             code = p["language"]
             lang = LANGUAGE_NAMES[code]
@@ -320,7 +334,7 @@ class TraceBuilder:
             msgs, ans = run_paged_list(self.index, queries[::-1] if self.spaced else queries,
                                        f"list:language:{code}:", math.ceil(len(speakers) / 25),
                                        [c.name for c in speakers], text, spaced=self.spaced)
-            return text, msgs, ans, speakers
+            return text, msgs, ans, _in_answer_order(speakers, ans)
         raise TraceError(f"task {task.id}: template {t!r} has no listing subtask")
 
     def _filter(self, task: Task) -> tuple[list[str], Any, str]:

@@ -382,6 +382,7 @@ def eval_cmd(
     policy: str = typer.Option("both", "--policy", help="swarm, single or both"),
     n: Optional[int] = typer.Option(None, "--n", min=1, help="the first N tasks (after --max-rows)"),
     max_rows: Optional[int] = typer.Option(None, "--max-rows", min=1, help="only tasks with at most R gold rows"),
+    task: Optional[list[str]] = typer.Option(None, "--task", help="only this task id (repeatable), e.g. widegeo-test-s7000001-0022"),
     orchestrator: Optional[str] = typer.Option(
         None, "--orchestrator", help="the swarm's orchestrator: agent or plan (default: plan for the built-in policy, agent for an endpoint)"),
     out: Optional[Path] = typer.Option(None, "--out", help="JSONL of the results (default: eval-ENV-<time>.jsonl)"),
@@ -398,7 +399,7 @@ def eval_cmd(
     try:
         code = run_eval(env, settings=_state(ctx).settings(), address=address, policy=policy, n=n,
                         max_rows=max_rows, orchestrator=orchestrator, out=out, console=console,
-                        checkpoint=checkpoint, tp=tp)
+                        checkpoint=checkpoint, tp=tp, task_ids=task)
     except ValueError as e:
         fail(str(e), EXIT_USAGE)
     raise typer.Exit(code)

@@ -90,3 +90,16 @@ def test_eval_bad_arguments_and_missing_endpoint(monkeypatch, tmp_path) -> None:
     r = runner.invoke(app, ["eval", "deepgeo", "--n", "1", "--out", str(tmp_path / "x.jsonl")])
     assert r.exit_code == 2 and "SWARM_LLM_BASE_URL" in r.output and "python -m planner.sft" in r.output
     assert not (tmp_path / "x.jsonl").exists()
+
+
+def test_select_tasks_by_id_keeps_the_eval_sets_order_and_names_unknown_ids() -> None:
+    tasks = get_env("widegeo").eval_set()
+    picked = select_tasks(tasks, task_ids=[tasks[5].id, tasks[2].id])
+    assert [t.id for t in picked] == [tasks[2].id, tasks[5].id]
+    assert select_tasks(tasks, max_rows=1000, task_ids=[tasks[5].id], n=1) == [tasks[5]]
+    with pytest.raises(ValueError, match="no task 'widegeo-test-nope'"):
+        select_tasks(tasks, task_ids=["widegeo-test-nope"])
+    # An id filtered out by --max-rows leaves nothing: the usual "no task" error, not a silent empty run.
+    big = max(tasks, key=lambda t: len(t.gold))
+    with pytest.raises(ValueError, match="at most 1 rows"):
+        select_tasks(tasks, max_rows=1, task_ids=[big.id])

@@ -43,6 +43,19 @@ def test_ranking_puts_the_matching_document_first(corpus: Path) -> None:
     assert {h.doc.id for h in search_corpus(corpus, "euro", k=5)} == {"fr", "de"}
 
 
+def test_a_phrase_outranks_its_scattered_words(tmp_path: Path) -> None:
+    # The short document has both words, more often, but never side by side.
+    docs = [{"id": "scattered", "title": "Islands", "text": "South Georgia and the South Sandwich Islands; America."},
+            {"id": "phrase", "title": "Countries of South America",
+             "text": "Countries of South America, alphabetical: Argentina; Bolivia; Brazil; Chile; Colombia."}]
+    path = write_corpus(tmp_path / "c.jsonl", docs + [{"id": f"f{i}", "text": f"filler document {i} about Europe"}
+                                                      for i in range(20)])
+    assert [h.doc.id for h in search_corpus(path, "countries of South America", k=2)] == ["phrase", "scattered"]
+    # Word order matters only through neighbouring pairs: the reversed pair is not the phrase.
+    hits = search_corpus(path, "America South", k=2)
+    assert {h.doc.id for h in hits} == {"phrase", "scattered"}
+
+
 def test_title_is_searchable_and_no_match_gives_nothing(corpus: Path) -> None:
     assert search_corpus(corpus, "kangaroo")[0].doc.id == "7"
     assert search_corpus(corpus, "zebra volcano") == []

@@ -19,6 +19,7 @@ from planner.traces import (
     TraceError,
     encode_conversation,
     length_stats,
+    list_items,
     synthesize,
 )
 from swarm.dag import validate_plan
@@ -64,6 +65,20 @@ def test_final_answers_score_full_item_f1(env, traced):
         for c in tr.conversations:
             if c.kind == "aggregate":
                 assert env.score(tr.task, c.messages[-1]["content"]).item_f1 == 1.0
+
+
+def test_list_answers_copy_the_order_their_results_show(traced):
+    """A lister writes names in the order its search results list them (a copy; never a sort)."""
+    listers = [c for c in _convs(traced) if c.kind == "subagent" and "separated by '; '" in c.messages[1]["content"]]
+    assert {c.template for c in listers} >= {"neighbours", "continent_countries"}
+    for c in listers:
+        shown = "\n".join(m["content"] for m in c.messages if m["role"] == "tool")
+        names = list_items(c.messages[-1]["content"])
+        # Where each name stands as a list item (after ": ", "; " or ", "), not inside a longer name.
+        positions = [next((m.start() for m in re.finditer(rf"(?<=[:;,] ){re.escape(n)}(?=[;,.])", shown)), -1)
+                     for n in names]
+        assert -1 not in positions, (c.task_id, names)
+        assert positions == sorted(positions), (c.task_id, names)
 
 
 def test_plans_validate_and_parse_back(traced):

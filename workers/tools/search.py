@@ -1,4 +1,7 @@
 """`search`: BM25 (bm25s) over a local JSONL corpus of `{"id", "title", "text"}` documents.
+Terms are the words (English stopwords dropped) plus each pair of neighbouring words, so a phrase
+outranks its scattered words: "South America" prefers the document about South America to a short
+one that says "South Georgia" twice and "America" never.
 
 Many sub-agents share one worker process, so each corpus is indexed once per process (keyed by
 its resolved path, size and modification time) and the build is guarded by a per-path lock: the
@@ -74,6 +77,7 @@ class CorpusIndex:
     path: Path
     docs: list[CorpusDoc]
     retriever: bm25s.BM25
+    vocab: frozenset[str]  # terms of the corpus; a query term outside it matches nothing
 
     def search(self, query: str, k: int = 5) -> list[SearchHit]:
         """Top-k documents with a positive BM25 score, best first."""
@@ -81,10 +85,10 @@ class CorpusIndex:
             raise ValueError("search query is empty")
         if not 1 <= k <= MAX_K:
             raise ValueError(f"k must be between 1 and {MAX_K}, got {k}")
-        tokens = bm25s.tokenize([query], stopwords="en", return_ids=False, show_progress=False)
-        if not tokens or not tokens[0]:
+        terms = [t for t in search_terms(query) if t in self.vocab]
+        if not terms:
             return []
-        ids, scores = self.retriever.retrieve(tokens, k=min(k, len(self.docs)), show_progress=False)
+        ids, scores = self.retriever.retrieve([terms], k=min(k, len(self.docs)), show_progress=False)
         hits: list[SearchHit] = []
         for i, s in zip(np.asarray(ids)[0], np.asarray(scores)[0]):
             if float(s) > 0.0:
@@ -118,14 +122,20 @@ def load_corpus(path: str | Path) -> list[CorpusDoc]:
     return docs
 
 
+def search_terms(text: str) -> list[str]:
+    """The BM25 terms of a text: its words (lower case, English stopwords dropped, as bm25s splits
+    them) and each pair of neighbouring words, joined by a space (no single word contains one)."""
+    words = bm25s.tokenize([text], stopwords="en", return_ids=False, show_progress=False)[0]
+    return list(words) + [f"{a} {b}" for a, b in zip(words, words[1:])]
+
+
 def _build(path: Path) -> CorpusIndex:
     docs = load_corpus(path)
-    corpus_tokens = bm25s.tokenize(
-        [f"{d.title} {d.text}" for d in docs], stopwords="en", show_progress=False
-    )
+    corpus_terms = [search_terms(f"{d.title} {d.text}") for d in docs]
     retriever = bm25s.BM25()
-    retriever.index(corpus_tokens, show_progress=False)
-    return CorpusIndex(path=path, docs=docs, retriever=retriever)
+    retriever.index(corpus_terms, show_progress=False)
+    vocab = frozenset(t for terms in corpus_terms for t in terms)
+    return CorpusIndex(path=path, docs=docs, retriever=retriever, vocab=vocab)
 
 
 _cache: dict[tuple[str, int, int], CorpusIndex] = {}
