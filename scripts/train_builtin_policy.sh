@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # Reproduces the built-in policy from nothing: every stage's exact command, in order (docs/policy.md
 # explains each stage and what it measured). Stages 1-5 take about 3.5 hours on 2 CPU cores; stages 6-7
-# need a CUDA GPU (about 10 and 8 minutes on one H100 with 16 CPU cores, trace synthesis included).
+# need a CUDA GPU (about 10 and 8 minutes on one H100 with 16 CPU cores, trace synthesis included);
+# stages 8-9 about 1.2 hours on the 2 CPU cores again. Stages 1-8 of the shipped policy were trained on
+# trace version 1 (sorted neighbour lists, word-only search ranking); this code builds version 2 for
+# every stage, so a rerun follows the shipped recipe but not bit for bit.
 #
 #   scripts/train_builtin_policy.sh [WORK_DIR [DEST]]
 #
@@ -83,7 +86,19 @@ G=(--batch-tokens 32768 --train-tasks 1000 --fake-entity-copies 3 --fake-only --
    --eval-every 250 --save-every 100 --device cuda --synth-workers "$(nproc)")
 sft_stage "$W/gpu-a" 1897 --steps 3000 --lr 1e-3 --warmup 50 --init-from "$W/sft-b" "${G[@]}"
 sft_stage "$W/gpu-b" 1800 --steps 1800 --lr 5e-4 --warmup 20 --data-seed 1 --init-from "$W/gpu-a" "${G[@]}"
-LAST="$W/gpu-b"
+
+# 8-9. Back on the CPU, renamed languages too and the spaced form of lists and queries (--spaced-names).
+#    8: 138 steps of a 400-step schedule (stopped with Ctrl-C). 9: trace version 2 (planner/traces.py
+#    TRACE_VERSION): lists in the order the results show them, and the phrase-aware search ranking;
+#    600 new training tasks (data seed 3), 12,288-token batches.
+S=(--fake-only --fake-names places --fake-languages --spaced-names --kinds subagent orchestrator_plan aggregate
+   --device cpu --synth-workers 2)
+sft_stage "$W/cpu-a" 138 --steps 400 --lr 3e-4 --warmup 10 --train-tasks 1000 --data-seed 2 --fake-entity-copies 3 \
+    --copy-mix-weight 0.3 --copy-mix-batch 2 --copy-mix-length 2048 --eval-every 50 --save-every 25 \
+    --init-from "$W/gpu-b" "${S[@]}"
+sft_stage "$W/cpu-b" 360 --steps 360 --lr 3e-4 --warmup 10 --train-tasks 600 --data-seed 3 --fake-entity-copies 2 \
+    --batch-tokens 12288 --eval-every 100 --save-every 20 --init-from "$W/cpu-a" "${S[@]}"
+LAST="$W/cpu-b"
 
 # Ship: the checkpoint, its tokenizer, policy.json (the last stage's command and config) and every
 # stage's log; not train_state.pt (optimizer state, 5x the weights).
@@ -99,4 +114,6 @@ cp "$W/sft-a/train_log.jsonl" "$DEST/logs/3-sft-a_train_log.jsonl"
 cp "$W/recall/copy_log.jsonl" "$DEST/logs/4-recall_log.jsonl"
 cp "$W/sft-b/train_log.jsonl" "$DEST/logs/5-sft-b_train_log.jsonl"
 cp "$W/gpu-a/train_log.jsonl" "$DEST/logs/6-gpu-a_train_log.jsonl"
+cp "$W/gpu-b/train_log.jsonl" "$DEST/logs/7-gpu-b_train_log.jsonl"
+cp "$W/cpu-a/train_log.jsonl" "$DEST/logs/8-cpu-a_train_log.jsonl"
 echo "policy: $LAST, shipped to $DEST"
