@@ -75,11 +75,11 @@ def select_tasks(tasks: Sequence[Task], n: int | None = None, max_rows: int | No
     """Tasks with at most max_rows gold rows (all when None), then the first n of them; `task_ids`
     (when given) keeps only those tasks, in the eval set's order. An unknown id is an error naming it."""
     if task_ids:
-        known = {t.id for t in tasks}
-        unknown = [i for i in task_ids if i not in known]
+        wanted = set(task_ids)
+        unknown = sorted(wanted - {t.id for t in tasks})
         if unknown:
             raise ValueError(f"no task {', '.join(map(repr, unknown))} in the eval set (ids look like {tasks[0].id!r})")
-        tasks = [t for t in tasks if t.id in set(task_ids)]
+        tasks = [t for t in tasks if t.id in wanted]
     if n is not None and n < 1:
         raise ValueError(f"--n must be >= 1, got {n}")
     if max_rows is not None and max_rows < 1:

@@ -172,10 +172,10 @@ def _find_doc(index: CorpusIndex, doc_id: str, queries: list[str], max_k: int = 
 LIST_LABEL = "Countries: "
 
 
-def _in_answer_order(countries: list[Country], answer: str) -> list[Country]:
-    """`countries` in the order a list answer names them (the filler looks them up in that order)."""
+def _in_order(countries: list[Country], names: list[str]) -> list[Country]:
+    """`countries` in the order of `names` (the lister's answer; the filler looks them up in it)."""
     by_name = {c.name: c for c in countries}
-    return [by_name[n] for n in list_items(answer)]
+    return [by_name[n] for n in names]
 
 
 def list_answer(names: list[str], spaced: bool = False) -> str:
@@ -212,10 +212,12 @@ def run_lookup(index: CorpusIndex, countries: list[Country], attrs: list[str],
 
 
 def run_paged_list(index: CorpusIndex, queries: list[str], doc_prefix: str, n_parts: int,
-                   names: list[str], task_text: str, part_size: int = 25, spaced: bool = False) -> tuple[list[dict], str]:
+                   names: list[str], task_text: str, part_size: int = 25,
+                   spaced: bool = False) -> tuple[list[dict], str, list[str]]:
     """A list spread over parts `doc_prefix`1..n: one search first (its title tells how many parts
     there are), then the parts still missing, in one parallel step. The answer lists the parts in
-    the order the results showed them, so writing it is one sequential copy."""
+    the order the results showed them, so writing it is one sequential copy. Returns the messages,
+    the answer and its names in that order."""
     run = _SubAgentRun(index, task_text)
     first = run.step([(queries[0], 1)])[0]
     parts = list(range(1, n_parts + 1))
@@ -231,7 +233,7 @@ def run_paged_list(index: CorpusIndex, queries: list[str], doc_prefix: str, n_pa
     if rest:
         run.step(rest)
     ordered = [n for p in shown + fetched for n in names[(p - 1) * part_size : p * part_size]]
-    return run.messages, run.answer(list_answer(ordered, spaced), ordered)
+    return run.messages, run.answer(list_answer(ordered, spaced), ordered), ordered
 
 
 def city_task_text(country: str, start: int, end: int) -> str:
@@ -319,11 +321,11 @@ class TraceBuilder:
             cname = CONTINENT_NAMES[code]
             text = f"List all countries and territories of {cname}. Answer with their names separated by '; '."
             n_parts = math.ceil(len(members) / 25)
-            msgs, ans = run_paged_list(self.index, [f"Countries and territories of {cname} alphabetical",
+            msgs, ans, order = run_paged_list(self.index, [f"Countries and territories of {cname} alphabetical",
                                                    f"Countries and territories of {cname}"],
                                        f"list:continent:{code}:", n_parts, [c.name for c in members], text,
                                        spaced=self.spaced)
-            return text, msgs, ans, _in_answer_order(members, ans)
+            return text, msgs, ans, _in_order(members, order)
         if t == "language_countries":
             code = p["language"]
             lang = LANGUAGE_NAMES[code]
@@ -331,10 +333,10 @@ class TraceBuilder:
             text = f"List all countries and territories where {lang} is spoken. Answer with their names separated by '; '."
             queries = [f"{lang} is among the languages of these countries and territories",
                        f"Countries and territories where {lang} is spoken"]
-            msgs, ans = run_paged_list(self.index, queries[::-1] if self.spaced else queries,
+            msgs, ans, order = run_paged_list(self.index, queries[::-1] if self.spaced else queries,
                                        f"list:language:{code}:", math.ceil(len(speakers) / 25),
                                        [c.name for c in speakers], text, spaced=self.spaced)
-            return text, msgs, ans, _in_answer_order(speakers, ans)
+            return text, msgs, ans, _in_order(speakers, order)
         raise TraceError(f"task {task.id}: template {t!r} has no listing subtask")
 
     def _filter(self, task: Task) -> tuple[list[str], Any, str]:

@@ -77,7 +77,6 @@ class CorpusIndex:
     path: Path
     docs: list[CorpusDoc]
     retriever: bm25s.BM25
-    vocab: frozenset[str]  # terms of the corpus; a query term outside it matches nothing
 
     def search(self, query: str, k: int = 5) -> list[SearchHit]:
         """Top-k documents with a positive BM25 score, best first."""
@@ -85,7 +84,8 @@ class CorpusIndex:
             raise ValueError("search query is empty")
         if not 1 <= k <= MAX_K:
             raise ValueError(f"k must be between 1 and {MAX_K}, got {k}")
-        terms = [t for t in search_terms(query) if t in self.vocab]
+        # A term outside the corpus matches nothing (and bm25s would reject it).
+        terms = [t for t in search_terms(query) if t in self.retriever.vocab_dict]
         if not terms:
             return []
         ids, scores = self.retriever.retrieve([terms], k=min(k, len(self.docs)), show_progress=False)
@@ -122,20 +122,24 @@ def load_corpus(path: str | Path) -> list[CorpusDoc]:
     return docs
 
 
-def search_terms(text: str) -> list[str]:
-    """The BM25 terms of a text: its words (lower case, English stopwords dropped, as bm25s splits
+def _terms_of(texts: list[str]) -> list[list[str]]:
+    """The BM25 terms of each text: its words (lower case, English stopwords dropped, as bm25s splits
     them) and each pair of neighbouring words, joined by a space (no single word contains one)."""
-    words = bm25s.tokenize([text], stopwords="en", return_ids=False, show_progress=False)[0]
-    return list(words) + [f"{a} {b}" for a, b in zip(words, words[1:])]
+    out = []
+    for words in bm25s.tokenize(texts, stopwords="en", return_ids=False, show_progress=False):
+        out.append(list(words) + [f"{a} {b}" for a, b in zip(words, words[1:])])
+    return out
+
+
+def search_terms(text: str) -> list[str]:
+    return _terms_of([text])[0]
 
 
 def _build(path: Path) -> CorpusIndex:
     docs = load_corpus(path)
-    corpus_terms = [search_terms(f"{d.title} {d.text}") for d in docs]
     retriever = bm25s.BM25()
-    retriever.index(corpus_terms, show_progress=False)
-    vocab = frozenset(t for terms in corpus_terms for t in terms)
-    return CorpusIndex(path=path, docs=docs, retriever=retriever, vocab=vocab)
+    retriever.index(_terms_of([f"{d.title} {d.text}" for d in docs]), show_progress=False)
+    return CorpusIndex(path=path, docs=docs, retriever=retriever)
 
 
 _cache: dict[tuple[str, int, int], CorpusIndex] = {}
