@@ -110,6 +110,9 @@ def job_critical_chain(events: list[Any]) -> CriticalOut:
         job_id = ev.job_id or job_id
         if ev.type == "subagent_created":
             agents[ev.agent_id] = AgentSteps(ev.agent_id, ev.stage, 0, list(ev.depends_on))
+            parent = agents.get(getattr(ev, "fan_out_of", ""))
+            if parent is not None:  # a fan-out node ends after its copies (swarm.fan_out)
+                parent.depends_on.append(ev.agent_id)
         elif ev.type == "subagent_step":
             if ev.agent_id == ORCHESTRATOR_ID:
                 orch += 1

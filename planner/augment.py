@@ -147,6 +147,8 @@ def fake_entity_copy(conv: Conversation, entities: list[str], seed: str,
         m = dict(m)
         if m.get("role") != "system" and isinstance(m.get("content"), str):
             m["content"] = fix(m["content"])
+        if isinstance(m.get("reasoning_content"), str):
+            m["reasoning_content"] = fix(m["reasoning_content"])
         if m.get("tool_calls"):
             calls = []
             for call in m["tool_calls"]:

@@ -26,7 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from planner.prompts import PLAN_MODE_PROMPT, SUBAGENT_SYSTEM_PROMPT
 from swarm.dag import PlanValidationError, validate_plan
 from swarm.plan_writer import PlanFormat
-from swarm.plans import MAX_SUBAGENTS, SUBAGENT_MAX_STEPS, Limits, SubAgentSpec, SwarmPlan
+from swarm.plans import MAX_SUBAGENTS, SUBAGENT_MAX_STEPS, ForEach, Limits, SubAgentSpec, SwarmPlan
 
 # A name becomes the id "<name>-<k>" (k <= 10_000 fits SubAgentSpec's 64-character id).
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,39}$"
@@ -35,6 +35,7 @@ NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,39}$"
 _CHAR = r'[^"\\\x00-\x1f]'
 MAX_TASK_CHARS = 1000
 MAX_AGGREGATE_PROMPT_CHARS = 1000
+MAX_CHUNK = 50  # items per copy of a fan-out agent (for_each)
 DEFAULT_TOOLS: tuple[str, ...] = ("search",)
 _GRAMMAR_TEXT_RE = re.compile(r'^[^"\\\x00-\x1f]*$')
 
@@ -50,6 +51,9 @@ class CompactAgent(BaseModel):
     task: str = Field(min_length=1, description="complete, self-contained task text")
     depends_on: list[int] = Field(
         default_factory=list, description="numbers (1-based list positions) of earlier agents whose results it needs"
+    )
+    for_each: int = Field(
+        0, ge=0, le=MAX_CHUNK, description="0: one agent; N: one copy per N items of its first dependency's list"
     )
 
 
@@ -75,6 +79,8 @@ class CompactPlan(BaseModel):
                         f"agent {k} ({a.name!r}) depends on {d}, but an agent may only depend on agents listed "
                         f"before it (allowed here: {allowed})"
                     )
+            if a.for_each and not a.depends_on:
+                problems.append(f"agent {k} ({a.name!r}) has for_each but no dependency whose list it could split")
         return problems
 
     def to_swarm_plan(
@@ -91,7 +97,8 @@ class CompactPlan(BaseModel):
             subagents=[
                 SubAgentSpec(id=ids[k], name=a.name, system_prompt=system_prompt, task=a.task, tools=list(tools),
                              # a repeated number is harmless: keep each dependency once
-                             depends_on=[ids[d - 1] for d in dict.fromkeys(a.depends_on)], max_steps=max_steps)
+                             depends_on=[ids[d - 1] for d in dict.fromkeys(a.depends_on)], max_steps=max_steps,
+                             for_each=ForEach(source=ids[a.depends_on[0] - 1], chunk=a.for_each) if a.for_each else None)
                 for k, a in enumerate(self.agents)
             ],
             aggregate=self.aggregate,
@@ -114,15 +121,21 @@ def plan_json_schema(max_agents: int = MAX_SUBAGENTS, max_task_chars: int = MAX_
         raise ValueError("max_task_chars and max_aggregate_prompt_chars must be >= 1")
 
     def agent(k: int) -> dict[str, Any]:
-        deps: dict[str, Any] = {"type": "array", "maxItems": 0}
-        if k > 1:
-            deps = {"type": "array", "items": {"type": "integer", "enum": list(range(1, k))}, "maxItems": k - 1}
-        return {
-            "type": "object",
-            "properties": {"name": {"$ref": "#/$defs/name"}, "task": {"$ref": "#/$defs/task"}, "depends_on": deps},
-            "required": ["name", "task", "depends_on"],
-            "additionalProperties": False,
-        }
+        name_task = {"name": {"$ref": "#/$defs/name"}, "task": {"$ref": "#/$defs/task"}}
+        if k == 1:
+            return {"type": "object", "properties": {**name_task, "depends_on": {"type": "array", "maxItems": 0}},
+                    "required": ["name", "task", "depends_on"], "additionalProperties": False}
+        ids = {"type": "integer", "enum": list(range(1, k))}
+        plain = {"type": "object",
+                 "properties": {**name_task, "depends_on": {"type": "array", "items": ids, "maxItems": k - 1}},
+                 "required": ["name", "task", "depends_on"], "additionalProperties": False}
+        # A fan-out agent must have a dependency to split: its own branch, so the grammar admits no other.
+        fan_out = {"type": "object",
+                   "properties": {**name_task,
+                                  "depends_on": {"type": "array", "items": ids, "minItems": 1, "maxItems": k - 1},
+                                  "for_each": {"$ref": "#/$defs/for_each"}},
+                   "required": ["name", "task", "depends_on", "for_each"], "additionalProperties": False}
+        return {"anyOf": [plain, fan_out]}
 
     return {
         "type": "object",
@@ -143,6 +156,7 @@ def plan_json_schema(max_agents: int = MAX_SUBAGENTS, max_task_chars: int = MAX_
             "name": {"type": "string", "pattern": NAME_PATTERN},
             "task": _text_schema(1, max_task_chars),
             "aggregate_prompt": _text_schema(0, max_aggregate_prompt_chars),
+            "for_each": {"type": "integer", "minimum": 1, "maximum": MAX_CHUNK},
         },
     }
 
@@ -162,6 +176,9 @@ def compact_plan_json(plan: CompactPlan) -> str:
     data = plan.model_dump(mode="json")
     if not data["aggregate_prompt"]:
         del data["aggregate_prompt"]
+    for a in data["agents"]:
+        if not a["for_each"]:
+            del a["for_each"]
     return json.dumps(data, ensure_ascii=False, separators=(", ", ": "))
 
 

@@ -16,7 +16,9 @@ PLAN_MODE_PROMPT = (
     "You plan work for sub-agents that search a document collection. Reply with only a JSON plan: "
     '{"agents": [{"name": ..., "task": ..., "depends_on": [...]}], "aggregate": "concat" or "llm"}. '
     "Agents are numbered 1, 2, 3 in list order. Each task must be complete on its own; a task that "
-    "needs the results of earlier agents lists their numbers in depends_on and receives those results. Write no double quotes or line breaks inside texts. With \"concat\" the "
+    "needs the results of earlier agents lists their numbers in depends_on and receives those results. An agent with "
+    '"for_each": N runs once per N items of the list its first dependency returned, all in parallel, '
+    "each copy receiving only its N items. Write no double quotes or line breaks inside texts. With \"concat\" the "
     "final answer is the agents' results joined; with \"llm\" a last step merges them, following "
     "aggregate_prompt if given."
 )

@@ -9,7 +9,8 @@ checked to be present in the search results it was read from. Conversations per 
   table, or a '; '-separated list of names for listing subtasks);
 - orchestrator, tool form: `create_subagent` / `assign_task` calls (weakly parallel: lookups in
   chunks of 3 entities, city ranks in chunks of 30) -> the sub-agents' answers -> the final table;
-- orchestrator, plan form: the task -> a compact JSON plan (planner.plan_schema);
+- orchestrator, plan form: the task -> a compact JSON plan (planner.plan_schema): a lister, then a
+  fan-out filler (`for_each`: one copy per 3 listed countries, swarm.fan_out) for listing tasks;
 - aggregation: the plan's results -> one final table (plans with aggregate == "llm").
 
 Then `encode_conversation` renders a conversation with the Kimi chat template into token ids and a
@@ -31,9 +32,11 @@ from pathlib import Path
 from typing import Any
 
 from planner.envs.base import Task
-from planner.envs.geodata import CONTINENT_NAMES, LANGUAGE_NAMES, Country, GeoData, format_int, split_of_country
+from planner.envs.geodata import (CONTINENT_NAMES, LANGUAGE_NAMES, Country, GeoData, format_int, language_name,
+                                  split_of_country)
 from planner.plan_schema import CompactAgent, CompactPlan, compact_plan_json
 from planner.prompts import PLAN_MODE_PROMPT, SUBAGENT_SYSTEM_PROMPT, aggregate_table_prompt
+from swarm.fan_out import chunk_text, chunks, copy_spec, list_items as fan_out_items, merge_results
 from swarm.messages import AGGREGATOR_SYSTEM_PROMPT, aggregate_user_message, compose_task_message, concat_results
 from swarm.orchestrator import ASSIGN_TASK, CREATE_SUBAGENT, orchestrator_system_prompt, orchestrator_tools
 from swarm.plans import JobSpec, SubAgentSpec
@@ -45,13 +48,13 @@ KINDS: tuple[str, ...] = ("subagent", "orchestrator_tools", "orchestrator_plan",
 AGENT_NAME = "geo_researcher"
 # Bumped whenever the traces built from the same tasks change (their form, or the search ranking they
 # show): encoded data files are keyed by it, so a stale file is rebuilt, not reused.
-TRACE_VERSION = 2
+TRACE_VERSION = 3
 LOOKUP_CHUNK = 3  # entities per lookup sub-agent: each lookup shows ~600 characters of results
 CITY_CHUNK = 30  # city ranks per sub-agent (two 15-city list documents)
 ATTR_WORDS = {"capital": "capital", "population": "population", "area_km2": "area",
-              "currency": "currency", "continent": "continent"}
+              "currency": "currency", "continent": "continent", "languages": "languages"}
 ATTR_TEXT = {"capital": "its capital", "population": "its population", "area_km2": "its area in km²",
-             "currency": "its currency (ISO 4217 code)", "continent": "its continent"}
+             "currency": "its currency (ISO 4217 code)", "continent": "its continent", "languages": "its languages"}
 
 
 class TraceError(ValueError):
@@ -109,6 +112,8 @@ def _listing(parts: list[str]) -> str:
 
 
 def _country_value(c: Country, col: str) -> Any:
+    if col == "languages":  # as the country's document writes them
+        return ", ".join(language_name(code) for code in c.languages)
     return {"country": c.name, "capital": c.capital, "population": c.population, "area_km2": c.area_km2,
             "currency": c.currency_code, "continent": c.continent_name}[col]
 
@@ -199,15 +204,17 @@ def lookup_task_text(names: list[str], attrs: list[str], filter_note: str = "") 
 
 def run_lookup(index: CorpusIndex, countries: list[Country], attrs: list[str],
                keep: list[Country] | None = None, filter_note: str = "", task_text: str | None = None,
-               spaced: bool = False) -> tuple[list[dict], str]:
-    """Searches one country document per entity (all in one parallel step); the table keeps `keep` rows."""
+               spaced: bool = False, columns: list[str] | None = None) -> tuple[list[dict], str]:
+    """Searches one country document per entity (all in one parallel step); the table keeps `keep`
+    rows with `columns` (default: country and `attrs`)."""
     run = _SubAgentRun(index, task_text or lookup_task_text([c.name for c in countries], attrs, filter_note))
     words = " ".join(ATTR_WORDS[a] for a in attrs)
     searches = [_find_doc(index, f"country:{c.iso}", lookup_queries(c.name, words, spaced)) for c in countries]
     run.step(searches)
     rows = keep if keep is not None else countries
+    cols = columns or ["country", *attrs]
     needed = [_cell(_country_value(c, col)) for c in countries for col in ["country", *attrs]]
-    table = markdown_table(["country", *attrs], [[_country_value(c, col) for col in ["country", *attrs]] for c in rows])
+    table = markdown_table(cols, [[_country_value(c, col) for col in cols] for c in rows])
     return run.messages, run.answer(table, needed)
 
 
@@ -237,8 +244,9 @@ def run_paged_list(index: CorpusIndex, queries: list[str], doc_prefix: str, n_pa
 
 
 def city_task_text(country: str, start: int, end: int) -> str:
+    # The rank column is the stopping cue: a row whose rank is `end` is the last one.
     return (f"List the cities of {country} ranked {start} to {end} by population in GeoNames, with the "
-            f"population of each. Answer with a markdown table whose columns are: city, population.")
+            f"population of each. Answer with a markdown table whose columns are: rank, city, population.")
 
 
 def run_city_ranks(index: CorpusIndex, data: GeoData, iso: str, start: int, end: int) -> tuple[list[dict], str]:
@@ -255,7 +263,8 @@ def run_city_ranks(index: CorpusIndex, data: GeoData, iso: str, start: int, end:
             f"Most populous cities of {c.name}"], max_k=len(parts) + 4))
     run.step(searches)
     needed = [t.name for t in cities] + [format_int(t.population) for t in cities]
-    table = markdown_table(["city", "population"], [[t.name, t.population] for t in cities])
+    table = markdown_table(["rank", "city", "population"],
+                           [[start + i, t.name, t.population] for i, t in enumerate(cities)])
     return run.messages, run.answer(table, needed)
 
 
@@ -315,7 +324,9 @@ class TraceBuilder:
             run.step([_find_doc(self.index, f"country:{subj.iso}", [f"Neighbouring countries of {subj.name}", fallback])])
             ans = run.answer(list_answer([c.name for c in names], self.spaced), [c.name for c in names])
             return text, run.messages, ans, names
-        if t == "continent_countries":
+        if t in ("continent_countries", "language_countries"):
+            # Language tasks list the continent too (at most 58 names, where a language's own list
+            # runs to 125); the fillers then keep the countries that speak it.
             code = p["continent"]
             members = self.data.countries_in(code)
             cname = CONTINENT_NAMES[code]
@@ -326,17 +337,6 @@ class TraceBuilder:
                                        f"list:continent:{code}:", n_parts, [c.name for c in members], text,
                                        spaced=self.spaced)
             return text, msgs, ans, _in_order(members, order)
-        if t == "language_countries":
-            code = p["language"]
-            lang = LANGUAGE_NAMES[code]
-            speakers = sorted((c for c in self.data.countries.values() if code in c.languages), key=lambda c: c.name)
-            text = f"List all countries and territories where {lang} is spoken. Answer with their names separated by '; '."
-            queries = [f"{lang} is among the languages of these countries and territories",
-                       f"Countries and territories where {lang} is spoken"]
-            msgs, ans, order = run_paged_list(self.index, queries[::-1] if self.spaced else queries,
-                                       f"list:language:{code}:", math.ceil(len(speakers) / 25),
-                                       [c.name for c in speakers], text, spaced=self.spaced)
-            return text, msgs, ans, _in_order(speakers, order)
         raise TraceError(f"task {task.id}: template {t!r} has no listing subtask")
 
     def _filter(self, task: Task) -> tuple[list[str], Any, str]:
@@ -349,8 +349,10 @@ class TraceBuilder:
             thr = p["min_population"]
             return lookup, (lambda c: c.population > thr), f" Keep only those with a population of more than {format_int(thr)}."
         if t == "language_countries":
-            cname = CONTINENT_NAMES[p["continent"]]
-            return ["continent", *attrs], (lambda c: c.continent_name == cname), f" Keep only those in {cname}."
+            code = p["language"]
+            lang = LANGUAGE_NAMES[code]
+            return (["languages", *attrs], (lambda c: code in c.languages),
+                    f" Keep only those that have {lang} among their languages.")
         return attrs, None, ""
 
     # ---- one task ----------------------------------------------------------------------------
@@ -423,23 +425,30 @@ class TraceBuilder:
         attrs = [c for c in task.columns if c != "country"]
         filler_text = (f"For each country in the list you receive, give {_listing([ATTR_TEXT[a] for a in attrs])}."
                        f"{note} Answer with a markdown table whose columns are: {', '.join(task.columns)}.")
+        # Plan form: lister -> a fan-out filler, one copy per LOOKUP_CHUNK listed countries, each
+        # seeing only its chunk of the list (swarm.fan_out renders it exactly so at run time).
         plan = CompactPlan(agents=[CompactAgent(name="lister", task=list_text),
-                                   CompactAgent(name="filler", task=filler_text, depends_on=[1])],
+                                   CompactAgent(name="filler", task=filler_text, depends_on=[1], for_each=LOOKUP_CHUNK)],
                            aggregate="concat")
         lister_spec, filler_spec = plan.to_swarm_plan().subagents
-        filler_user = compose_task_message(filler_text, [(lister_spec, list_ans)])
-        f_msgs, f_ans = run_lookup(self.index, entities, lookup_attrs, rows, note, filler_user, self.spaced)
-        # The filler states only the task's columns.
-        f_ans_cols = markdown_table(task.columns, [[_country_value(c, col) for col in task.columns] for c in rows])
-        if lookup_attrs != attrs:
-            f_msgs[-1]["content"] = f_ans_cols
-            f_ans = f_ans_cols
+        label, items = fan_out_items(list_ans)
+        if items != [c.name for c in entities]:
+            raise TraceError(f"task {task.id}: the lister's answer does not split into its countries")
+        copies = []
+        for k, part in enumerate(chunks(entities, LOOKUP_CHUNK), start=1):
+            user = compose_task_message(filler_text, [(lister_spec, chunk_text(label, [c.name for c in part]))])
+            keep = [c for c in part if keep_fn(c)] if keep_fn else part
+            # The filler states only the task's columns.
+            f_msgs, f_ans = run_lookup(self.index, part, lookup_attrs, keep, note, user, self.spaced,
+                                       columns=task.columns)
+            copies.append((copy_spec(filler_spec, k), f_msgs, f_ans))
         convs = [Conversation("subagent", task.id, t, lister.messages, self.search_tools)]
         convs += [Conversation("subagent", task.id, t, s.messages, self.search_tools) for s in lookups]
-        convs.append(Conversation("subagent", task.id, t, f_msgs, self.search_tools))
+        convs += [Conversation("subagent", task.id, t, msgs, self.search_tools) for _, msgs, _ in copies]
         convs.append(orch)
         convs.append(self._plan_conv(task, plan))
-        plan_answer = concat_results([(lister_spec, list_ans), (filler_spec, f_ans)])
+        merged = merge_results([(spec, ans) for spec, _, ans in copies])
+        plan_answer = concat_results([(lister_spec, list_ans), (filler_spec, merged)])
         return TaskTrace(task, convs, final, plan, plan_answer)
 
     # ---- orchestrator conversations ------------------------------------------------------------

@@ -98,7 +98,14 @@ sft_stage "$W/cpu-a" 138 --steps 400 --lr 3e-4 --warmup 10 --train-tasks 1000 --
     --init-from "$W/gpu-b" "${S[@]}"
 sft_stage "$W/cpu-b" 360 --steps 360 --lr 3e-4 --warmup 10 --train-tasks 600 --data-seed 3 --fake-entity-copies 2 \
     --batch-tokens 12288 --eval-every 100 --save-every 20 --init-from "$W/cpu-a" "${S[@]}"
-LAST="$W/cpu-b"
+
+# 11. Fan-out plans (a lister, then one filler copy per 3 listed countries: swarm/fan_out.py), city
+#    tables with a rank column, language tasks listing their continent: trace version 3, 600 new
+#    training tasks (data seed 5), 450 steps. (Stage 10 was session 6's try on data seed 4, not in
+#    this lineage.)
+sft_stage "$W/cpu-c" 450 --steps 450 --lr 3e-4 --warmup 10 --train-tasks 600 --data-seed 5 --fake-entity-copies 2 \
+    --batch-tokens 12288 --eval-every 150 --save-every 20 --init-from "$W/cpu-b" "${S[@]}"
+LAST="$W/cpu-c"
 
 # Ship: the checkpoint, its tokenizer, policy.json (the last stage's command and config) and every
 # stage's log; not train_state.pt (optimizer state, 5x the weights).
@@ -116,4 +123,6 @@ cp "$W/sft-b/train_log.jsonl" "$DEST/logs/5-sft-b_train_log.jsonl"
 cp "$W/gpu-a/train_log.jsonl" "$DEST/logs/6-gpu-a_train_log.jsonl"
 cp "$W/gpu-b/train_log.jsonl" "$DEST/logs/7-gpu-b_train_log.jsonl"
 cp "$W/cpu-a/train_log.jsonl" "$DEST/logs/8-cpu-a_train_log.jsonl"
+cp "$W/cpu-b/train_log.jsonl" "$DEST/logs/9-cpu-b_train_log.jsonl"
+cp "$W/cpu-b/train_log.jsonl" "$DEST/logs/9-cpu-b_train_log.jsonl"
 echo "policy: $LAST, shipped to $DEST"

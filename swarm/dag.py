@@ -91,6 +91,11 @@ def validate_plan(plan: SwarmPlan, limits: Limits, known_tools: Collection[str])
             continue  # a duplicate: already reported, its edges would be ambiguous
         problems.extend(_dependency_problems(spec, graph))
         problems.extend(_spec_problems(spec, limits, known_tools))
+        if spec.for_each is not None and spec.for_each.source not in spec.depends_on:
+            problems.append(
+                f"agent {spec.id!r} fans out over {spec.for_each.source!r}, which is not among its "
+                f"dependencies {spec.depends_on}"
+            )
         for dep in spec.depends_on:
             if dep != spec.id and dep in graph:
                 graph.add_edge(dep, spec.id)
@@ -117,6 +122,8 @@ def check_new_node(graph: nx.DiGraph, spec: SubAgentSpec, limits: Limits, known_
         )
     problems.extend(_dependency_problems(spec, graph))
     problems.extend(_spec_problems(spec, limits, known_tools))
+    if spec.for_each is not None:
+        problems.append(f"agent {spec.id!r} has for_each, which only a plan's node may have")
     if problems:
         raise PlanValidationError(problems)
 

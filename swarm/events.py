@@ -56,6 +56,8 @@ class SubAgentCreated(_Event):
     depends_on: list[str] = Field(default_factory=list)
     # Orchestrator step that created/assigned it (1-based); 1 for an up-front plan.
     stage: int = 1
+    # Set for a copy of a fan-out node (swarm.fan_out): that node's id.
+    fan_out_of: str = ""
 
 
 class SubAgentStarted(_Event):

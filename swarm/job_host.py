@@ -44,6 +44,7 @@ from swarm.events import (
     ToolCalled,
     _Event,
 )
+from swarm.fan_out import chunk_text, chunks, copy_spec, list_items, merge_results
 from swarm.llm import ChatMessage, ChatResult, LLMClient, LLMError
 from swarm.messages import AGGREGATOR_SYSTEM_PROMPT, aggregate_user_message, compose_task_message, concat_results
 from swarm.orchestrator import Orchestrator, SubAgentOutcome
@@ -99,6 +100,8 @@ class _Node:
     task: asyncio.Task[SubAgentOutcome] | None = None
     ref: Any = None  # ObjectRef of the attempt in flight
     token: str | None = None
+    # A fan-out node (spec.for_each) runs no agent itself: these are the ids of its copies.
+    children: list[str] | None = None
 
 
 def redacted_spec(spec: JobSpec) -> dict[str, Any]:
@@ -289,7 +292,9 @@ class Job:
             await asyncio.wait(tasks, timeout=CANCEL_CONFIRM_S * 2)
 
     def _metrics(self) -> JobMetrics:
-        agents = [AgentSteps(n.spec.id, n.stage, n.steps, list(n.spec.depends_on)) for n in self._nodes.values()]
+        # A fan-out node ends after its copies: they are its dependencies here (it adds no steps).
+        agents = [AgentSteps(n.spec.id, n.stage, n.steps, [*n.spec.depends_on, *(n.children or [])])
+                  for n in self._nodes.values()]
         try:
             crit = critical_steps(self._orchestrator_steps, agents)
         except ValueError:  # cannot happen for a validated DAG; metrics must never sink the job
@@ -299,7 +304,7 @@ class Job:
             critical_steps=crit,
             total_steps=self._orchestrator_steps + sum(a.steps for a in agents),
             orchestrator_steps=self._orchestrator_steps,
-            subagents=len(self._nodes),
+            subagents=sum(1 for n in self._nodes.values() if n.children is None),
             tool_calls=self._tool_calls,
             prompt_tokens=self._tokens[0],
             completion_tokens=self._tokens[1],
@@ -469,7 +474,7 @@ class Job:
         # Awaited through a shield: if the orchestrator step is cancelled, _stop_nodes stops the node.
         return asyncio.shield(node.task)
 
-    def _add_node(self, spec: SubAgentSpec, stage: int) -> _Node:
+    def _add_node(self, spec: SubAgentSpec, stage: int, fan_out_of: str = "") -> _Node:
         node = _Node(spec=spec, stage=stage)
         self._nodes[spec.id] = node
         self.emit(
@@ -481,6 +486,7 @@ class Job:
                 tools=list(spec.tools),
                 depends_on=list(spec.depends_on),
                 stage=stage,
+                fan_out_of=fan_out_of,
             )
         )
         return node
@@ -500,10 +506,69 @@ class Job:
                 node.state, node.outcome = "failed", out
                 self.emit(SubAgentFailed(agent_id=node.spec.id, error=out.text, attempt=0, will_retry=False))
                 return out
-            message = compose_task_message(node.spec.task, [(d.spec, d.outcome.text) for d in deps if d.outcome])
-            out = await self._dispatch(node, message)
+            if node.spec.for_each is not None:
+                out = await self._fan_out(node, deps)
+            else:
+                message = compose_task_message(node.spec.task, [(d.spec, d.outcome.text) for d in deps if d.outcome])
+                out = await self._dispatch(node, message)
             node.outcome = out
             return out
+        except asyncio.CancelledError:
+            await self._cancel_node(node)
+            raise
+
+    async def _fan_out(self, node: _Node, deps: list[_Node]) -> SubAgentOutcome:
+        """Run `node` as one copy per chunk of its source's list (swarm.fan_out), all in parallel;
+        its result is the copies' results merged. Fails if the list is empty, the copies would pass
+        max_subagents, or a copy fails."""
+        spec = node.spec
+        fe = spec.for_each
+        assert fe is not None
+        node.state, node.children = "running", []
+        self.emit(SubAgentStarted(agent_id=spec.id, worker="fan-out"))
+        source = self._nodes[fe.source]
+        label, items = list_items(source.outcome.text if source.outcome else "")
+        if not items:
+            return self._fail_node(node, 1, f"it fans out over {fe.source!r}, whose answer holds no list items")
+        parts = chunks(items, fe.chunk)
+        agents = sum(1 for n in self._nodes.values() if n.children is None)
+        if agents + len(parts) > self._limits.max_subagents:
+            return self._fail_node(
+                node, 1,
+                f"its {len(items)} items in chunks of {fe.chunk} need {len(parts)} copies, which would make "
+                f"{agents + len(parts)} sub-agents, more than the limit max_subagents={self._limits.max_subagents}",
+            )
+        specs = [copy_spec(spec, k) for k in range(1, len(parts) + 1)]
+        taken = [c.id for c in specs if c.id in self._nodes]
+        if taken:
+            return self._fail_node(node, 1, f"its copies' ids {taken} are taken by other agents of the plan")
+        copies = []
+        for cs, part in zip(specs, parts):
+            self.graph.add_node(cs.id, spec=cs)
+            for dep in cs.depends_on:
+                self.graph.add_edge(dep, cs.id)
+            self.graph.add_edge(cs.id, spec.id)
+            child = self._add_node(cs, node.stage, fan_out_of=spec.id)
+            node.children.append(cs.id)
+            shown = [(d.spec, chunk_text(label, part) if d is source else (d.outcome.text if d.outcome else ""))
+                     for d in deps]
+            child.task = asyncio.create_task(self._run_copy(child, compose_task_message(spec.task, shown)))
+            copies.append(child)
+        await asyncio.wait([c.task for c in copies if c.task is not None])
+        failed = [c for c in copies if c.outcome is None or not c.outcome.ok]
+        if failed:
+            first = failed[0]
+            why = first.outcome.text if first.outcome else "no outcome"
+            return self._fail_node(node, 1, f"{len(failed)} of its {len(copies)} copies failed; {first.spec.id!r}: {why}")
+        merged = merge_results([(c.spec, c.outcome.text) for c in copies if c.outcome])
+        node.state = "finished"
+        self.emit(SubAgentFinished(agent_id=spec.id, result=merged, steps=0, tool_calls=0))
+        return SubAgentOutcome(True, merged)
+
+    async def _run_copy(self, node: _Node, message: str) -> SubAgentOutcome:
+        try:
+            node.outcome = await self._dispatch(node, message)
+            return node.outcome
         except asyncio.CancelledError:
             await self._cancel_node(node)
             raise

@@ -54,6 +54,13 @@ class Limits(WireModel):
     retry_backoff_s: float = Field(0.5, ge=0, description="first retry delay; doubles each retry")
 
 
+class ForEach(WireModel):
+    """Fan-out (swarm.fan_out): run the node once per `chunk` items of the list `source` returned."""
+
+    source: str = Field(description="id of a dependency whose answer is a list (or a markdown table)")
+    chunk: int = Field(3, ge=1, le=1000, description="items per copy")
+
+
 class SubAgentSpec(WireModel):
     """One node of the swarm DAG: a frozen sub-agent with a role, a task and its tools."""
 
@@ -65,6 +72,8 @@ class SubAgentSpec(WireModel):
     depends_on: list[str] = Field(default_factory=list)
     # None: the job's limits.subagent_max_steps.
     max_steps: int | None = Field(None, ge=1)
+    # Set: this node runs as one copy per chunk of `for_each.source`'s list, in parallel (plan mode).
+    for_each: ForEach | None = None
 
     @field_validator("id")
     @classmethod

@@ -26,6 +26,8 @@ def _texts(conv):
     for m in conv.messages:
         if isinstance(m.get("content"), str):
             yield m["role"], m["content"]
+        if isinstance(m.get("reasoning_content"), str):  # a filtering sub-agent's <think> part
+            yield "reasoning", m["reasoning_content"]
         for call in m.get("tool_calls") or []:
             yield "call", call["function"]["arguments"]
 
@@ -67,7 +69,8 @@ def test_fake_copies_rename_every_entity_consistently(traces):
             if conv.kind == "subagent" and answer.startswith("|"):
                 seen = "\n".join(m["content"] for m in fake.messages if m["role"] in ("user", "tool"))
                 cells = [c.strip() for row in answer.splitlines()[2:] for c in row.strip("|").split("|")]
-                assert cells and all(c in seen for c in cells if c), answer
+                # (a fan-out copy whose countries all fail the filter answers with the header only)
+                assert all(c in seen for c in cells if c), answer
                 checked += 1
     assert checked >= 3
 

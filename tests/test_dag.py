@@ -170,3 +170,17 @@ def test_unset_max_steps_takes_the_job_limit():
     plan = SwarmPlan(subagents=[SubAgentSpec(id="a", task="t")])
     assert plan.subagents[0].max_steps is None
     validate_plan(plan, Limits(subagent_max_steps=5), known_tools=[])
+
+
+def test_example_jobs_parse_and_their_plans_validate():
+    """The README points operators at examples/*_job.json: each must be a valid job as shipped."""
+    from pathlib import Path
+
+    from swarm.plans import JobSpec
+
+    files = sorted((Path(__file__).resolve().parent.parent / "examples").glob("*_job.json"))
+    assert {f.name for f in files} >= {"plan_job.json", "task_job.json", "fan_out_job.json"}
+    for f in files:
+        spec = JobSpec.model_validate_json(f.read_text())
+        if spec.plan is not None:
+            validate_plan(spec.plan, spec.limits, {"search", "calculator", "python", "http_get"})

@@ -161,6 +161,21 @@ def test_critical_chain_from_events_matches_the_documented_example() -> None:
     assert out.chain == ["b", "c"] and out.critical_steps == 14 and out.total_steps == 19
 
 
+def test_critical_chain_runs_through_the_copies_of_a_fan_out_node() -> None:
+    from swarm.events import SubAgentCreated, SubAgentStep
+
+    evs = [SubAgentCreated(job_id="j", agent_id="lister"), SubAgentStep(job_id="j", agent_id="lister", step=1),
+           SubAgentCreated(job_id="j", agent_id="filler", depends_on=["lister"]),
+           SubAgentCreated(job_id="j", agent_id="after", depends_on=["filler"])]
+    for cid, steps in [("filler.1", 2), ("filler.2", 3)]:
+        evs.append(SubAgentCreated(job_id="j", agent_id=cid, depends_on=["lister"], fan_out_of="filler"))
+        evs += [SubAgentStep(job_id="j", agent_id=cid, step=i) for i in range(1, steps + 1)]
+    evs.append(SubAgentStep(job_id="j", agent_id="after", step=1))
+    out = job_critical_chain(evs)
+    # The node waits for its slowest copy; the node itself makes no model call.
+    assert out.chain == ["lister", "filler.2", "filler", "after"] and out.critical_steps == 5
+
+
 def test_append_metrics_writes_what_the_reader_reads(tmp_path: Path) -> None:
     f = tmp_path / "run-a" / "metrics.jsonl"
     append_metrics(f, 0, {"reward": 0.5, "lambda1": 1.0, "r_perf": None}, time=10.0)

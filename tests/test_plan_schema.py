@@ -102,10 +102,36 @@ def test_schema_accepts_the_trained_text_and_rejects_bad_plans():
                             plan_json_schema(max_agents=2))
 
 
+def _fan_out_plan() -> CompactPlan:
+    return CompactPlan(agents=[CompactAgent(name="lister", task="List the countries of Asia."),
+                               CompactAgent(name="filler", task="Give the capital of each.", depends_on=[1], for_each=3)])
+
+
+def test_a_fan_out_agent_becomes_a_for_each_node_over_its_first_dependency():
+    text = compact_plan_json(_fan_out_plan())
+    assert '"depends_on": [1], "for_each": 3}' in text and text.count("for_each") == 1
+    plan = parse_plan(text)
+    lister, filler = plan.subagents
+    assert lister.for_each is None
+    assert filler.for_each is not None and (filler.for_each.source, filler.for_each.chunk) == ("lister-1", 3)
+    schema = plan_json_schema()
+    jsonschema.validate(json.loads(text), schema)
+    # for_each without a dependency to split is outside the schema, and parse_plan names it
+    no_dep = {"agents": [{"name": "a", "task": "t", "depends_on": []},
+                         {"name": "b", "task": "u", "depends_on": [], "for_each": 2}], "aggregate": "concat"}
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(no_dep, schema)
+    with pytest.raises(PlanParseError, match="for_each but no dependency"):
+        parse_plan(json.dumps(no_dep))
+    with pytest.raises(jsonschema.ValidationError):  # the first agent has nothing to split
+        jsonschema.validate({"agents": [{"name": "a", "task": "t", "depends_on": [], "for_each": 2}],
+                             "aggregate": "concat"}, schema)
+
+
 def test_engine_grammar_admits_exactly_the_trained_plan_text():
     tok = ByteTokenizer()
     matcher = GrammarCache(tok).matcher(Constraint("json_schema", json.dumps(plan_json_schema())))
-    for plan in (_plan(), CompactPlan(agents=[CompactAgent(name="cities", task="List the cities é ²")])):
+    for plan in (_plan(), CompactPlan(agents=[CompactAgent(name="cities", task="List the cities é ²")]), _fan_out_plan()):
         matcher.reset()
         assert all(matcher.accept(i) for i in tok.encode(compact_plan_json(plan)))
         assert matcher.accept(tok.eos_id) and matcher.is_terminated()
@@ -117,6 +143,10 @@ def test_engine_grammar_admits_exactly_the_trained_plan_text():
     matcher.reset()
     fwd = '{"agents": [{"name": "a", "task": "t", "depends_on": [2]'
     assert not all(matcher.accept(i) for i in tok.encode(fwd))
+    # ... and a fan-out with nothing to split.
+    matcher.reset()
+    lone = '{"agents": [{"name": "a", "task": "t", "depends_on": []}, {"name": "b", "task": "u", "depends_on": [], "for_each"'
+    assert not all(matcher.accept(i) for i in tok.encode(lone))
 
 
 def test_compact_plan_json_refuses_text_the_grammar_cannot_write():

@@ -30,7 +30,10 @@ def test_fact_tokens_are_the_ones_inside_names_and_grouped_numbers() -> None:
     assert marked == "Gaborone208,411"  # the bare "12" is not a fact, the grouped number is
 
 
-def test_teacher_forced_scores_the_held_out_oracle_traces(tiny_ckpt: str, capsys: pytest.CaptureFixture[str]) -> None:
+def test_teacher_forced_scores_the_held_out_oracle_traces(tiny_ckpt: str, capsys: pytest.CaptureFixture[str],
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    # The tiny model reads 1,024 byte tokens: a short plan prompt keeps these plan conversations inside.
+    monkeypatch.setattr("planner.traces.PLAN_MODE_PROMPT", "Reply with a JSON plan.")
     (score,) = teacher_forced(tiny_ckpt, ["orchestrator_plan"], [25, 29])
     assert score.kind == "orchestrator_plan" and score.conversations >= 1
     # A random tiny model: loss near ln(vocab), accuracy near chance, and some facts to copy.

@@ -20,7 +20,7 @@ from swarm.events import (
     SubAgentStarted,
     ToolResult,
 )
-from swarm.plans import JobSpec, JobState, Limits, SubAgentSpec, SwarmPlan, ToolsConfig
+from swarm.plans import ForEach, JobSpec, JobState, Limits, SubAgentSpec, SwarmPlan, ToolsConfig
 from swarm.runtime import JobNotFound, SwarmRuntime
 from tests.scripted_policy import script_task
 from tests.runtime_test_tools import echo_llm_factory, touch_tool, wait_file_tool
@@ -240,3 +240,48 @@ async def test_run_job_stops_the_job_when_its_caller_fails(runtime: SwarmRuntime
     with pytest.raises(RuntimeError, match="display broke"):
         await runtime.run_job(JobSpec(plan=plan), on_event=on_event, job_id=job_id)
     assert not runtime.has_job(job_id)  # cancelled and released, not left running in the cluster
+
+
+async def test_a_fan_out_node_runs_one_copy_per_chunk_of_its_sources_list(runtime: SwarmRuntime) -> None:
+    lister = SubAgentSpec(id="lister", task=script_task({"answer": "Countries: Peru; Chile; Bolivia; Brazil; Guyana"}))
+    filler = SubAgentSpec(id="filler", task=script_task({"echo_task": True}, prefix="look up"),
+                          depends_on=["lister"], for_each=ForEach(source="lister", chunk=2))
+    events: list[Event] = []
+    status = await runtime.run_job(JobSpec(plan=SwarmPlan(subagents=[lister, filler])), on_event=events.append)
+
+    assert status.state == JobState.succeeded, status.error
+    assert_dense(events)
+    copies = [e for e in events if isinstance(e, SubAgentCreated) and e.fan_out_of == "filler"]
+    assert [c.agent_id for c in copies] == ["filler.1", "filler.2", "filler.3"]
+    assert all(c.depends_on == ["lister"] for c in copies)
+    shown = {c.agent_id: first(events, SubAgentFinished, c.agent_id).result for c in copies}
+    # Each copy sees only its chunk, with the list's label.
+    assert "### Result of lister\nCountries: Peru; Chile\n" in shown["filler.1"]
+    assert "### Result of lister\nCountries: Bolivia; Brazil\n" in shown["filler.2"]
+    assert "### Result of lister\nCountries: Guyana\n" in shown["filler.3"] and "Peru" not in shown["filler.3"]
+    merged = first(events, SubAgentFinished, "filler").result
+    assert all(text in merged for text in shown.values())
+    assert status.result is not None and "## filler" in status.result and "Guyana" in status.result
+    # The copies run in parallel: lister (1 step) then one copy (1 step); the node itself adds none.
+    assert status.metrics.critical_steps == 2
+    assert status.metrics.subagents == 4 and status.metrics.total_steps == 4
+
+
+async def test_a_fan_out_fails_clearly_on_an_empty_list_or_too_many_copies(runtime: SwarmRuntime) -> None:
+    def plan(answer: str, chunk: int) -> SwarmPlan:
+        return SwarmPlan(subagents=[
+            SubAgentSpec(id="lister", task=script_task({"answer": answer})),
+            SubAgentSpec(id="filler", task=script_task({"answer": "x"}), depends_on=["lister"],
+                         for_each=ForEach(source="lister", chunk=chunk)),
+        ])
+
+    status = await runtime.run_job(JobSpec(plan=plan("   ", 2)))
+    assert status.state == JobState.failed and "holds no list items" in (status.error or "")
+    status = await runtime.run_job(JobSpec(plan=plan("A; B; C; D; E", 1), limits=Limits(max_subagents=4)))
+    assert status.state == JobState.failed
+    assert "need 5 copies" in (status.error or "") and "max_subagents=4" in (status.error or "")
+    with pytest.raises(PlanValidationError, match="not among its dependencies"):
+        await runtime.run_job(JobSpec(plan=SwarmPlan(subagents=[
+            SubAgentSpec(id="lister", task="t"),
+            SubAgentSpec(id="filler", task="u", for_each=ForEach(source="lister")),
+        ])))

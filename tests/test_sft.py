@@ -297,6 +297,8 @@ def test_device_choice():
 
 
 def test_encoded_data_is_built_once_and_reused_where_the_recipe_matches(tmp_path, monkeypatch):
+    # The tiny model reads 1,024 byte tokens: a short plan prompt keeps these plan conversations inside.
+    monkeypatch.setattr("planner.traces.PLAN_MODE_PROMPT", "Reply with a JSON plan.")
     cfg = SFTConfig(preset="tiny", out=str(tmp_path / "a"), steps=2, train_tasks=2, eval_tasks=1, data_seed=4,
                     kinds=["orchestrator_plan"], batch_tokens=2048, threads=2)
     train(cfg, stop_after=1)

@@ -9,6 +9,9 @@ import re
 import jsonschema
 import pytest
 
+from swarm.fan_out import chunk_text, chunks, list_items as fan_out_items
+from swarm.messages import compose_task_message
+
 from model_shards.chat_template import IM_END, parse_assistant, render
 from model_shards.tokenizer import ByteTokenizer
 from planner.envs import get_env
@@ -90,6 +93,36 @@ def test_plans_validate_and_parse_back(traced):
                 parsed = parse_plan(c.messages[-1]["content"])
                 assert [s.id for s in parsed.subagents] == [s.id for s in plan.subagents]
                 assert [s.task for s in parsed.subagents] == [s.task for s in plan.subagents]
+
+
+def test_listing_plans_fan_out_over_the_listers_answer_as_the_runtime_does(traced):
+    """A listing plan's filler has for_each: each copy's conversation opens with exactly the message
+    swarm.fan_out renders for its chunk of the lister's answer, and a city sub-agent writes ranks."""
+    seen = set()
+    for tr in traced[1]:
+        t = tr.task.meta["template"]
+        plan = tr.plan.to_swarm_plan()
+        if t == "top_cities":
+            for c in tr.conversations:
+                if c.kind == "subagent":
+                    header, *_, last = c.messages[-1]["content"].splitlines()
+                    end = int(re.search(r"ranked \d+ to (\d+)", c.messages[1]["content"]).group(1))
+                    assert header == "| rank | city | population |" and last.startswith(f"| {end} |")
+            continue
+        lister, filler = plan.subagents
+        assert filler.for_each is not None and filler.for_each.source == lister.id
+        list_answer = next(c.messages[-1]["content"] for c in tr.conversations
+                           if c.kind == "subagent" and c.messages[1]["content"] == lister.task)
+        label, items = fan_out_items(list_answer)
+        expected = [compose_task_message(filler.task, [(lister, chunk_text(label, part))])
+                    for part in chunks(items, filler.for_each.chunk)]
+        copies = [c.messages[1]["content"] for c in tr.conversations
+                  if c.kind == "subagent" and c.messages[1]["content"].endswith(filler.task)]
+        # (a copy whose search showed a test-split country is dropped, like any such conversation)
+        assert copies and all(c in expected for c in copies), tr.task.id
+        assert [expected.index(c) for c in copies] == sorted(expected.index(c) for c in copies)
+        seen.add(t)
+    assert seen == {"continent_countries", "neighbours", "language_countries"}
 
 
 def test_tool_calls_parse_back_with_valid_arguments(traced):

@@ -245,6 +245,10 @@ class JobModel {
       case "subagent_created":
         Object.assign(a, { name: ev.name || ev.agent_id, stage: ev.stage, depends_on: ev.depends_on || [],
                            system_prompt: ev.system_prompt, task: ev.task, tools: ev.tools || [], created: ts });
+        // A copy of a fan-out node: the node waits for it, so draw the copy as its dependency.
+        if (ev.fan_out_of && !this.agent(ev.fan_out_of).depends_on.includes(ev.agent_id)) {
+          this.agent(ev.fan_out_of).depends_on = [...this.agent(ev.fan_out_of).depends_on, ev.agent_id];
+        }
         this.layoutDirty = true;
         break;
       case "subagent_started":

@@ -1,0 +1,106 @@
+"""Fan-out ("for each"): one plan node that runs as one sub-agent per chunk of a list that an earlier
+sub-agent returned.
+
+A plan is written before any sub-agent has run, so it cannot name the items of a list that a lister
+will find ("the countries of Africa"). A node with `for_each` says instead: when `source` finishes,
+split its answer into items, and run my task once per `chunk` items, all in parallel. Each copy sees
+only its chunk (keeping the list's label), so every copy is short whatever the list's length; the
+node's result is the copies' results merged (markdown tables with one header become one table).
+
+Kept free of Ray: the trace synthesizer (planner.traces) renders exactly what the runtime sends.
+"""
+
+from __future__ import annotations
+
+import re
+
+from swarm.messages import concat_results
+from swarm.plans import SubAgentSpec
+
+# "Countries: A; B; C" -> label "Countries: "; a label is short and holds no list separator.
+_LABEL_RE = re.compile(r"^([A-Za-z][^:;\n|]{0,60}:\s*)(?=\S)")
+_BULLET_RE = re.compile(r"^\s*(?:[-*•]|\d{1,4}[.)])\s+")
+
+
+class FanOutError(ValueError):
+    """A fan-out cannot run: its source gave no items, or the copies would break a limit."""
+
+
+def _table_rows(text: str) -> tuple[str, list[str]] | None:
+    """(header + separator lines, body lines) of the first markdown table in `text`, else None."""
+    lines = [ln.strip() for ln in text.splitlines()]
+    for i in range(len(lines) - 1):
+        if lines[i].startswith("|") and re.fullmatch(r"\|?\s*:?-{3,}:?\s*(\|\s*:?-{3,}:?\s*)*\|?", lines[i + 1]):
+            body = []
+            for ln in lines[i + 2 :]:
+                if not ln.startswith("|"):
+                    break
+                body.append(ln)
+            return lines[i] + "\n" + lines[i + 1], body
+    return None
+
+
+def list_items(text: str) -> tuple[str, list[str]]:
+    """(label, items) of a list answer.
+
+    Accepted forms, tried in order: a markdown table (items are its rows, label its header), a
+    `;`-separated list with an optional short "Label:" in front, one item per line (bullets and
+    numbers stripped). Empty items are dropped.
+    """
+    text = text.strip()
+    table = _table_rows(text)
+    if table is not None:
+        header, body = table
+        return header, body
+    label = ""
+    m = _LABEL_RE.match(text)
+    if m:
+        label, text = m.group(1), text[m.end() :]
+    if ";" in text:
+        parts = text.split(";")
+    else:
+        parts = text.splitlines()
+    items = [_BULLET_RE.sub("", p).strip().rstrip(".").strip() for p in parts]
+    return label, [p for p in items if p]
+
+
+def chunk_text(label: str, items: list[str]) -> str:
+    """How a chunk of a list is shown to one copy: the list's own form, with its label."""
+    if label.startswith("|"):  # a table: its header, then the chunk's rows
+        return label + "\n" + "\n".join(items)
+    return label + "; ".join(items)
+
+
+def chunks(items: list[str], size: int) -> list[list[str]]:
+    if size < 1:
+        raise ValueError(f"chunk size must be >= 1, got {size}")
+    return [items[i : i + size] for i in range(0, len(items), size)]
+
+
+def copy_id(parent_id: str, k: int) -> str:
+    """The id of a fan-out node's k-th copy (1-based): "<parent>.<k>"."""
+    return f"{parent_id}.{k}"
+
+
+def copy_spec(parent: SubAgentSpec, k: int) -> SubAgentSpec:
+    """The k-th copy of a fan-out node: same role, task and tools, no fan-out of its own."""
+    return parent.model_copy(update={"id": copy_id(parent.id, k), "for_each": None})
+
+
+def merge_results(results: list[tuple[SubAgentSpec, str]]) -> str:
+    """The copies' answers as one: markdown tables that share one header become one table (rows in
+    copy order, a copy that kept no row adds none); anything else is each answer under its label."""
+    parsed = [_table_rows(text) for _, text in results]
+    if results and all(p is not None for p in parsed):
+        headers = {_norm_header(p[0]) for p in parsed if p is not None}
+        if len(headers) == 1:
+            first = parsed[0]
+            assert first is not None
+            rows = [row for p in parsed if p is not None for row in p[1]]
+            return "\n".join([first[0], *rows])
+    return concat_results(results)
+
+
+def _norm_header(header: str) -> str:
+    top = header.splitlines()[0]
+    return "|".join(c.strip().lower() for c in top.strip().strip("|").split("|"))
