@@ -22,10 +22,6 @@ _LABEL_RE = re.compile(r"^([A-Za-z][^:;\n|]{0,60}:\s*)(?=\S)")
 _BULLET_RE = re.compile(r"^\s*(?:[-*•]|\d{1,4}[.)])\s+")
 
 
-class FanOutError(ValueError):
-    """A fan-out cannot run: its source gave no items, or the copies would break a limit."""
-
-
 def _table_rows(text: str) -> tuple[str, list[str]] | None:
     """(header + separator lines, body lines) of the first markdown table in `text`, else None."""
     lines = [ln.strip() for ln in text.splitlines()]
@@ -90,14 +86,9 @@ def copy_spec(parent: SubAgentSpec, k: int) -> SubAgentSpec:
 def merge_results(results: list[tuple[SubAgentSpec, str]]) -> str:
     """The copies' answers as one: markdown tables that share one header become one table (rows in
     copy order, a copy that kept no row adds none); anything else is each answer under its label."""
-    parsed = [_table_rows(text) for _, text in results]
-    if results and all(p is not None for p in parsed):
-        headers = {_norm_header(p[0]) for p in parsed if p is not None}
-        if len(headers) == 1:
-            first = parsed[0]
-            assert first is not None
-            rows = [row for p in parsed if p is not None for row in p[1]]
-            return "\n".join([first[0], *rows])
+    tables = [t for t in (_table_rows(text) for _, text in results) if t is not None]
+    if results and len(tables) == len(results) and len({_norm_header(h) for h, _ in tables}) == 1:
+        return "\n".join([tables[0][0], *(row for _, body in tables for row in body)])
     return concat_results(results)
 
 
