@@ -8,10 +8,12 @@ checked to be present in the search results it was read from. Conversations per 
 - sub-agent: task -> `search` calls with keyword queries -> tool results -> final answer (a markdown
   table, or a '; '-separated list of names for listing subtasks);
 - orchestrator, tool form: `create_subagent` / `assign_task` calls (weakly parallel: lookups in
-  chunks of 3 entities, city ranks in chunks of 30) -> the sub-agents' answers -> the final table;
+  chunks of 3 entities, city ranks in chunks of 10) -> the sub-agents' answers -> the final table;
 - orchestrator, plan form: the task -> a compact JSON plan (planner.plan_schema): a lister, then a
-  fan-out filler (`for_each`: one copy per 3 listed countries, swarm.fan_out) for listing tasks;
-- aggregation: the plan's results -> one final table (plans with aggregate == "llm").
+  fan-out filler (`for_each`: one copy per 3 listed countries, swarm.fan_out) for listing tasks; one
+  agent per 10 city ranks, concatenated, for top-cities tasks;
+- aggregation: the plan's results -> one final table (plans with aggregate == "llm"; no plan of
+  trace version 4 has one, so version 4 gives no such conversation).
 
 Then `encode_conversation` renders a conversation with the Kimi chat template into token ids and a
 loss mask that is 1 exactly on assistant-written tokens (never system, user or tool text).
@@ -24,6 +26,7 @@ import json
 import math
 import multiprocessing
 import re
+import zlib
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -35,9 +38,9 @@ from planner.envs.base import Task
 from planner.envs.geodata import (CONTINENT_NAMES, LANGUAGE_NAMES, Country, GeoData, format_int, language_name,
                                   split_of_country)
 from planner.plan_schema import CompactAgent, CompactPlan, compact_plan_json
-from planner.prompts import PLAN_MODE_PROMPT, SUBAGENT_SYSTEM_PROMPT, aggregate_table_prompt
+from planner.prompts import PLAN_MODE_PROMPT, SUBAGENT_SYSTEM_PROMPT
 from swarm.fan_out import chunk_text, chunks, copy_spec, list_items as fan_out_items, merge_results
-from swarm.messages import AGGREGATOR_SYSTEM_PROMPT, aggregate_user_message, compose_task_message, concat_results
+from swarm.messages import compose_task_message, concat_results
 from swarm.orchestrator import ASSIGN_TASK, CREATE_SUBAGENT, orchestrator_system_prompt, orchestrator_tools
 from swarm.plans import JobSpec, SubAgentSpec
 from workers.tools.search import CorpusIndex, SearchArgs, build_index, format_hits, make_search_tool
@@ -48,9 +51,16 @@ KINDS: tuple[str, ...] = ("subagent", "orchestrator_tools", "orchestrator_plan",
 AGENT_NAME = "geo_researcher"
 # Bumped whenever the traces built from the same tasks change (their form, or the search ranking they
 # show): encoded data files are keyed by it, so a stale file is rebuilt, not reused.
-TRACE_VERSION = 3
+TRACE_VERSION = 4
 LOOKUP_CHUNK = 3  # entities per lookup sub-agent: each lookup shows ~600 characters of results
-CITY_CHUNK = 30  # city ranks per sub-agent (two 15-city list documents)
+# City ranks per sub-agent. Not a multiple of the 15-city list documents, so most sub-agents stop (and
+# start) inside a document, at the rank their task names; with 30, two in three stopped at a
+# document's end, and the policy learnt to copy documents to their end.
+CITY_CHUNK = 10
+# A language filter keeps no country in two chunks of three out of three; a policy trained on that
+# answers every chunk with an empty table. Sub-agent conversations of language chunks that keep no
+# country are kept only one time in EMPTY_KEEP_EVERY (chosen by a hash, so the data is reproducible).
+EMPTY_KEEP_EVERY = 4
 ATTR_WORDS = {"capital": "capital", "population": "population", "area_km2": "area",
               "currency": "currency", "continent": "continent", "languages": "languages"}
 ATTR_TEXT = {"capital": "its capital", "population": "its population", "area_km2": "its area in km²",
@@ -82,6 +92,7 @@ class TaskTrace:
     plan: CompactPlan
     plan_answer: str  # what the runtime returns for the plan (concat, or the aggregation's answer)
     dropped_conversations: int = 0  # conversations left out because they showed a test entity
+    balanced_out: int = 0  # empty-answer language-chunk conversations left out (EMPTY_KEEP_EVERY)
 
 
 @dataclass
@@ -268,6 +279,17 @@ def run_city_ranks(index: CorpusIndex, data: GeoData, iso: str, start: int, end:
     return run.messages, run.answer(table, needed)
 
 
+def _empty_table(answer: str) -> bool:
+    """True for a markdown table with a header and no row."""
+    return sum(1 for line in answer.splitlines() if line.strip().startswith("|")) <= 2
+
+
+def _keep_empty(task_id: str, key: str) -> bool:
+    """Whether an empty-answer chunk conversation stays in the data: one in EMPTY_KEEP_EVERY, by a
+    stable hash (Python's hash() is salted per process)."""
+    return zlib.crc32(f"{task_id}/{key}".encode()) % EMPTY_KEEP_EVERY == 0
+
+
 # --------------------------------------------------------------------------------- per-template plans
 
 @dataclass
@@ -391,20 +413,15 @@ class TraceBuilder:
         final_rows = [[r["city"], r["population"]] for r in task.gold]
         final = markdown_table(task.columns, final_rows)
         orch = self._tool_form(task, [subs], final)
-        agg = len(subs) > 1
-        plan = CompactPlan(agents=[CompactAgent(name="cities", task=s.task) for s in subs],
-                           aggregate="llm" if agg else "concat",
-                           aggregate_prompt=aggregate_table_prompt(task.columns) if agg else "")
+        # The sub-agents' tables are the answer as they stand (concat): the scorer reads every table
+        # whose header names the key column, and an aggregation step that rewrote 120 rows was where
+        # the large tasks were lost (trace version 3).
+        plan = CompactPlan(agents=[CompactAgent(name="cities", task=s.task) for s in subs], aggregate="concat")
         convs = [Conversation("subagent", task.id, "top_cities", s.messages, self.search_tools) for s in subs]
         convs.append(orch)
         convs.append(self._plan_conv(task, plan))
         results = [(spec, s.answer) for spec, s in zip(plan.to_swarm_plan().subagents, subs)]
-        if agg:
-            agg_conv, plan_answer = self._aggregate_conv(task, plan, results, final)
-            convs.append(agg_conv)
-        else:
-            plan_answer = concat_results(results)
-        return TaskTrace(task, convs, final, plan, plan_answer)
+        return TaskTrace(task, convs, final, plan, concat_results(results))
 
     def _build_listing(self, task: Task) -> TaskTrace:
         t = task.meta["template"]
@@ -442,14 +459,16 @@ class TraceBuilder:
             f_msgs, f_ans = run_lookup(self.index, part, lookup_attrs, keep, note, user, self.spaced,
                                        columns=task.columns)
             copies.append((copy_spec(filler_spec, k), f_msgs, f_ans))
+        chunk_convs = [(s.id, s.messages, s.answer) for s in lookups] + [(spec.id, msgs, ans) for spec, msgs, ans in copies]
+        kept = [msgs for key, msgs, ans in chunk_convs
+                if t != "language_countries" or not _empty_table(ans) or _keep_empty(task.id, key)]
         convs = [Conversation("subagent", task.id, t, lister.messages, self.search_tools)]
-        convs += [Conversation("subagent", task.id, t, s.messages, self.search_tools) for s in lookups]
-        convs += [Conversation("subagent", task.id, t, msgs, self.search_tools) for _, msgs, _ in copies]
+        convs += [Conversation("subagent", task.id, t, msgs, self.search_tools) for msgs in kept]
         convs.append(orch)
         convs.append(self._plan_conv(task, plan))
         merged = merge_results([(spec, ans) for spec, _, ans in copies])
         plan_answer = concat_results([(lister_spec, list_ans), (filler_spec, merged)])
-        return TaskTrace(task, convs, final, plan, plan_answer)
+        return TaskTrace(task, convs, final, plan, plan_answer, balanced_out=len(chunk_convs) - len(kept))
 
     # ---- orchestrator conversations ------------------------------------------------------------
     def _tool_form(self, task: Task, stages: list[list[_SubTask]], final: str) -> Conversation:
@@ -483,13 +502,6 @@ class TraceBuilder:
         messages = [{"role": "system", "content": PLAN_MODE_PROMPT}, {"role": "user", "content": task.prompt},
                     {"role": "assistant", "content": compact_plan_json(plan)}]
         return Conversation("orchestrator_plan", task.id, task.meta["template"], messages, None)
-
-    def _aggregate_conv(self, task: Task, plan: CompactPlan, results: list[tuple[SubAgentSpec, str]],
-                        final: str) -> tuple[Conversation, str]:
-        messages = [{"role": "system", "content": AGGREGATOR_SYSTEM_PROMPT},
-                    {"role": "user", "content": aggregate_user_message(plan.aggregate_prompt, results)},
-                    {"role": "assistant", "content": final}]
-        return Conversation("aggregate", task.id, task.meta["template"], messages, None), final
 
     # ---- leakage ---------------------------------------------------------------------------------
     def find_test_entities(self, text: str) -> list[str]:
@@ -539,10 +551,12 @@ class SynthesisReport:
     dropped: Counter = field(default_factory=Counter)  # "template: reason" -> tasks skipped
     conversations: Counter = field(default_factory=Counter)  # kind -> conversations kept
     leaky_conversations: int = 0  # conversations left out for showing a test-split entity
+    balanced_out: int = 0  # empty-answer language-chunk conversations left out (EMPTY_KEEP_EVERY)
 
     def as_dict(self) -> dict[str, Any]:
         return {"tasks_seen": self.tasks_seen, "tasks_used": self.tasks_used, "dropped": dict(self.dropped),
-                "conversations": dict(self.conversations), "leaky_conversations": self.leaky_conversations}
+                "conversations": dict(self.conversations), "leaky_conversations": self.leaky_conversations,
+                "balanced_out": self.balanced_out}
 
 
 def synthesize(env: Any, tasks: list[Task], corpus_path: str | Path | None = None,
@@ -576,6 +590,7 @@ def synthesize(env: Any, tasks: list[Task], corpus_path: str | Path | None = Non
         report.tasks_seen += rep.tasks_seen
         report.tasks_used += rep.tasks_used
         report.leaky_conversations += rep.leaky_conversations
+        report.balanced_out += rep.balanced_out
         report.dropped.update(rep.dropped)
         report.conversations.update(rep.conversations)
     return out, report
@@ -608,6 +623,7 @@ def _synthesize_with(builder: TraceBuilder, tasks: list[Task], allow_test: bool)
         out.append(trace)
         report.tasks_used += 1
         report.leaky_conversations += trace.dropped_conversations
+        report.balanced_out += trace.balanced_out
         report.conversations.update(c.kind for c in trace.conversations)
     return out, report
 

@@ -18,6 +18,7 @@ from planner.envs import get_env
 from planner.envs.geodata import split_of_country
 from planner.plan_schema import parse_plan
 from planner.traces import (
+    CITY_CHUNK,
     TraceBuilder,
     TraceError,
     encode_conversation,
@@ -123,6 +124,47 @@ def test_listing_plans_fan_out_over_the_listers_answer_as_the_runtime_does(trace
         assert [expected.index(c) for c in copies] == sorted(expected.index(c) for c in copies)
         seen.add(t)
     assert seen == {"continent_countries", "neighbours", "language_countries"}
+
+
+def test_city_plans_give_each_agent_ten_ranks_in_order_and_concatenate(traced):
+    """Top-cities plans: agents of at most CITY_CHUNK ranks that cover 1..n in order, answered as the
+    sub-agents wrote them ("concat"); no aggregation conversation."""
+    cities = [tr for tr in traced[1] if tr.task.meta["template"] == "top_cities"]
+    assert cities
+    for tr in cities:
+        n = tr.task.meta["params"]["n"]
+        ranges = [tuple(map(int, re.search(r"ranked (\d+) to (\d+)", a.task).groups())) for a in tr.plan.agents]
+        assert ranges[0][0] == 1 and ranges[-1][1] == n
+        assert all(e - s + 1 <= CITY_CHUNK for s, e in ranges)
+        assert all(nxt[0] == prev[1] + 1 for prev, nxt in zip(ranges, ranges[1:]))
+        assert tr.plan.aggregate == "concat" and all(not a.depends_on for a in tr.plan.agents)
+        assert not [c for c in tr.conversations if c.kind == "aggregate"]
+
+
+def test_language_chunks_that_keep_no_country_are_mostly_left_out(traced):
+    """A language filter keeps nobody in most chunks of three: those conversations are thinned so the
+    policy does not learn the empty answer; every other template keeps all of its chunks."""
+    for tr in traced[1]:
+        t = tr.task.meta["template"]
+        if t == "top_cities":
+            continue
+        lister_task = tr.plan.agents[0].task
+        chunk_convs = [c for c in tr.conversations
+                       if c.kind == "subagent" and c.messages[1]["content"] != lister_task]
+        n_chunks = 2 * -(-len(list_items(tr.plan_answer.split("\n\n")[0].splitlines()[1])) // 3)
+        # (conversations that showed a test-split country are dropped as well)
+        assert len(chunk_convs) + tr.balanced_out + tr.dropped_conversations >= n_chunks
+        empty = [c for c in chunk_convs if _is_empty_table(c.messages[-1]["content"])]
+        if t == "language_countries":
+            assert tr.balanced_out > 0, tr.task.id
+            assert len(empty) <= len(chunk_convs) / 2, tr.task.id
+            assert len(chunk_convs) > len(empty)  # the chunks that keep a speaker all stay
+        else:
+            assert tr.balanced_out == 0
+
+
+def _is_empty_table(text: str) -> bool:
+    return len([line for line in text.splitlines() if line.startswith("|")]) == 2
 
 
 def test_tool_calls_parse_back_with_valid_arguments(traced):
