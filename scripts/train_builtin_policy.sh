@@ -105,7 +105,13 @@ sft_stage "$W/cpu-b" 360 --steps 360 --lr 3e-4 --warmup 10 --train-tasks 600 --d
 #    this lineage.)
 sft_stage "$W/cpu-c" 450 --steps 450 --lr 3e-4 --warmup 10 --train-tasks 600 --data-seed 5 --fake-entity-copies 2 \
     --batch-tokens 12288 --eval-every 150 --save-every 20 --init-from "$W/cpu-b" "${S[@]}"
-LAST="$W/cpu-c"
+
+# 13. Trace version 4: city plans of 10 ranks per agent, concatenated (no aggregation step); language
+#    chunks that keep no country thinned to one in four. 600 new training tasks (data seed 6), 450
+#    steps. (Stages 12 and 14 were tries that regressed, not in this lineage: docs/policy.md.)
+sft_stage "$W/cpu-d" 450 --steps 450 --lr 3e-4 --warmup 10 --train-tasks 600 --data-seed 6 --fake-entity-copies 2 \
+    --batch-tokens 12288 --eval-every 150 --save-every 20 --init-from "$W/cpu-c" "${S[@]}"
+LAST="$W/cpu-d"
 
 # Ship: the checkpoint, its tokenizer, policy.json (the last stage's command and config) and every
 # stage's log; not train_state.pt (optimizer state, 5x the weights).
@@ -124,5 +130,5 @@ cp "$W/gpu-a/train_log.jsonl" "$DEST/logs/6-gpu-a_train_log.jsonl"
 cp "$W/gpu-b/train_log.jsonl" "$DEST/logs/7-gpu-b_train_log.jsonl"
 cp "$W/cpu-a/train_log.jsonl" "$DEST/logs/8-cpu-a_train_log.jsonl"
 cp "$W/cpu-b/train_log.jsonl" "$DEST/logs/9-cpu-b_train_log.jsonl"
-cp "$W/cpu-b/train_log.jsonl" "$DEST/logs/9-cpu-b_train_log.jsonl"
+cp "$W/cpu-c/train_log.jsonl" "$DEST/logs/11-cpu-c_train_log.jsonl"
 echo "policy: $LAST, shipped to $DEST"
