@@ -42,7 +42,7 @@ from planner.prompts import PLAN_MODE_PROMPT, SUBAGENT_SYSTEM_PROMPT
 from swarm.fan_out import chunk_text, chunks, copy_spec, list_items as fan_out_items, merge_results
 from swarm.messages import compose_task_message, concat_results
 from swarm.orchestrator import ASSIGN_TASK, CREATE_SUBAGENT, orchestrator_system_prompt, orchestrator_tools
-from swarm.plans import JobSpec, SubAgentSpec
+from swarm.plans import JobSpec
 from workers.tools.search import CorpusIndex, SearchArgs, build_index, format_hits, make_search_tool
 from model_shards.chat_template import render_segments
 
@@ -279,11 +279,6 @@ def run_city_ranks(index: CorpusIndex, data: GeoData, iso: str, start: int, end:
     return run.messages, run.answer(table, needed)
 
 
-def _empty_table(answer: str) -> bool:
-    """True for a markdown table with a header and no row."""
-    return sum(1 for line in answer.splitlines() if line.strip().startswith("|")) <= 2
-
-
 def _keep_empty(task_id: str, key: str) -> bool:
     """Whether an empty-answer chunk conversation stays in the data: one in EMPTY_KEEP_EVERY, by a
     stable hash (Python's hash() is salted per process)."""
@@ -461,7 +456,7 @@ class TraceBuilder:
             copies.append((copy_spec(filler_spec, k), f_msgs, f_ans))
         chunk_convs = [(s.id, s.messages, s.answer) for s in lookups] + [(spec.id, msgs, ans) for spec, msgs, ans in copies]
         kept = [msgs for key, msgs, ans in chunk_convs
-                if t != "language_countries" or not _empty_table(ans) or _keep_empty(task.id, key)]
+                if t != "language_countries" or fan_out_items(ans)[1] or _keep_empty(task.id, key)]
         convs = [Conversation("subagent", task.id, t, lister.messages, self.search_tools)]
         convs += [Conversation("subagent", task.id, t, msgs, self.search_tools) for msgs in kept]
         convs.append(orch)

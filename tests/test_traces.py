@@ -151,20 +151,17 @@ def test_language_chunks_that_keep_no_country_are_mostly_left_out(traced):
         lister_task = tr.plan.agents[0].task
         chunk_convs = [c for c in tr.conversations
                        if c.kind == "subagent" and c.messages[1]["content"] != lister_task]
-        n_chunks = 2 * -(-len(list_items(tr.plan_answer.split("\n\n")[0].splitlines()[1])) // 3)
+        listed = fan_out_items(tr.plan_answer.split("\n\n")[0].split("\n", 1)[1])[1]
+        n_chunks = 2 * len(chunks(listed, 3))  # tool-form lookups and plan-form copies
         # (conversations that showed a test-split country are dropped as well)
         assert len(chunk_convs) + tr.balanced_out + tr.dropped_conversations >= n_chunks
-        empty = [c for c in chunk_convs if _is_empty_table(c.messages[-1]["content"])]
+        empty = [c for c in chunk_convs if not fan_out_items(c.messages[-1]["content"])[1]]
         if t == "language_countries":
             assert tr.balanced_out > 0, tr.task.id
             assert len(empty) <= len(chunk_convs) / 2, tr.task.id
             assert len(chunk_convs) > len(empty)  # the chunks that keep a speaker all stay
         else:
             assert tr.balanced_out == 0
-
-
-def _is_empty_table(text: str) -> bool:
-    return len([line for line in text.splitlines() if line.startswith("|")]) == 2
 
 
 def test_tool_calls_parse_back_with_valid_arguments(traced):
