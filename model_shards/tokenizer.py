@@ -10,6 +10,7 @@ import base64
 import codecs
 import json
 import re
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +50,8 @@ KIMI_PAT_STR: str = "|".join(
 
 # Kimi reserves 256 ids after the BPE ranks for special tokens.
 NUM_RESERVED_SPECIAL = 256
+# tokenizer_config.json key (this project's, ignored by other loaders): BPE ids the encoder never produces.
+NEVER_ENCODE_KEY = "never_encode"
 
 
 def _special_splitter(specials: dict[str, int]) -> re.Pattern[str]:
@@ -121,10 +124,24 @@ class TiktokenTokenizer:
         pat_str: str = KIMI_PAT_STR,
         eos_id: int | None = None,
         name: str = "kimi",
+        never_encode: Iterable[int] = (),
     ) -> None:
+        """`never_encode`: BPE ids the encoder must not produce (text they cover is encoded with the
+        smaller pieces they were merged from); they still decode. For a small model whose training
+        data stopped containing some tokens: their embeddings are untrained, their pieces' are not."""
         import tiktoken
 
         self._enc = tiktoken.Encoding(name=name, pat_str=pat_str, mergeable_ranks=mergeable_ranks, special_tokens=special)
+        self.mergeable_ranks: dict[bytes, int] = dict(mergeable_ranks)
+        self.never_encode: frozenset[int] = frozenset(never_encode)
+        self._encoder = self._enc
+        if self.never_encode:
+            single_bytes = [t for t in mergeable_ranks if len(t) == 1 and mergeable_ranks[t] in self.never_encode]
+            if single_bytes:
+                raise ValueError(f"never_encode holds single-byte tokens {single_bytes[:5]}: every byte must stay encodable")
+            kept = {t: r for t, r in mergeable_ranks.items() if r not in self.never_encode}
+            self._encoder = tiktoken.Encoding(name=name + "-encode", pat_str=pat_str, mergeable_ranks=kept,
+                                              special_tokens=special)
         self.special: dict[str, int] = dict(special)
         self._id_to_special: dict[int, str] = {v: k for k, v in special.items()}
         self.vocab_size: int = max([len(mergeable_ranks) - 1, *special.values()]) + 1
@@ -167,13 +184,16 @@ class TiktokenTokenizer:
         if gen_file.is_file():
             e = json.loads(gen_file.read_text()).get("eos_token_id")
             eos = e[0] if isinstance(e, list) and e else (e if isinstance(e, int) else None)
-        return cls(ranks, special, eos_id=eos)
+        never = cfg.get(NEVER_ENCODE_KEY) or []
+        if not isinstance(never, list) or not all(isinstance(i, int) and 0 <= i < num_base for i in never):
+            raise ValueError(f"{cfg_file}: {NEVER_ENCODE_KEY!r} must be a list of BPE token ids in [0, {num_base})")
+        return cls(ranks, special, eos_id=eos, never_encode=never)
 
     def encode(self, text: str, allow_special: bool = False) -> list[int]:
         if allow_special:
-            return self._enc.encode(text, allowed_special="all", disallowed_special=())
+            return self._encoder.encode(text, allowed_special="all", disallowed_special=())
         # Special strings in user text are plain text, never control tokens.
-        return self._enc.encode(text, allowed_special=set(), disallowed_special=())
+        return self._encoder.encode(text, allowed_special=set(), disallowed_special=())
 
     def token_bytes(self, id: int) -> bytes:
         if not 0 <= id < self.vocab_size:

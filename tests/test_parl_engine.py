@@ -21,8 +21,8 @@ from planner.parl.policy_host import (
 )
 from planner.parl.samples import OrchestratorSample, token_logprobs
 from planner.parl.trainer import PARLTrainer
-from swarm.messages import AGGREGATOR_SYSTEM_PROMPT
 from swarm.llm import ChatMessage, ToolSpec
+from swarm.messages import AGGREGATOR_SYSTEM_PROMPT
 from swarm.plan_writer import load_plan_format, response_format_for
 from swarm.plans import Limits
 
@@ -64,11 +64,21 @@ async def test_recording_routing_and_hot_weight_update(ray_local: object, tiny_c
                      ChatMessage(role="user", content="Capitals of France and Spain?")]
         rf = response_format_for(fmt, Limits(max_subagents=2))
 
+        sub_msgs = [ChatMessage(role="system", content="You are a research sub-agent."),
+                    ChatMessage(role="user", content="find it")]
         sub_steps = ray.get(sub.info.remote())["steps"]
-        await client.chat([ChatMessage(role="system", content="You are a research sub-agent."),
-                           ChatMessage(role="user", content="find it")], [SEARCH])
+        await client.chat(sub_msgs, [SEARCH])
         assert ray.get(sub.info.remote())["steps"] > sub_steps  # went to the frozen engine
         assert ray.get(policy.take_samples.remote("ep-1")) == []  # and left no trainable sample
+
+        # The job's temperature is the orchestrator's; sub-agents decode at their own (greedy by default),
+        # so a hot job temperature leaves their answers unchanged, and a sub-agent temperature of 1 does not.
+        hot = episode_llm_config(policy_name, "ep-hot", temperature=1.0, max_tokens=24, timeout_s=60)
+        greedy = [(await factory(hot).chat(sub_msgs, [SEARCH])).message.model_dump_json() for _ in range(3)]
+        assert len(set(greedy)) == 1
+        sampled_factory = PARLLLMFactory(sub_name, subagent_max_tokens=8, subagent_temperature=1.0)
+        sampled = {(await sampled_factory(hot).chat(sub_msgs, [SEARCH])).message.model_dump_json() for _ in range(3)}
+        assert len(sampled) > 1
 
         await client.chat(plan_msgs, response_format=rf)
         (before,) = ray.get(policy.take_samples.remote("ep-1"))

@@ -15,6 +15,7 @@ from model_shards.checkpoint import read_config
 from model_shards.config import ModelConfig
 from planner.parl import load_config
 from planner.parl.loop import LOOP_STATE_FILE, run_training
+from planner.parl.metrics import EPISODES_FILE
 from swarm.cli import app
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "parl_tiny.yaml"
@@ -40,6 +41,8 @@ def test_train_two_steps_then_resume(ray_local: object, tiny_ckpt: str, tmp_path
         assert v["episodes"] == 2 and v["critical_steps"] >= 1  # every episode wrote a plan at least
         assert v["orchestrator_tokens"] > 0 and v["samples"] >= 2
         assert 0 <= v["share_gen"] <= 1 and v["share_gen"] + v["share_train"] + v["share_sync"] == pytest.approx(1)
+        # throughput over the rollouts' own wall time, which covers at least the loop's wait for them
+        assert v["rollout_s"] >= v["gen_s"] and v["rollouts_per_s"] == pytest.approx(v["episodes"] / v["rollout_s"])
         if v["logprob_mismatch"] is not None and v["version_lag"] == 0:
             # on-policy samples: engine and trainer scored the same tokens alike (with lag 1 the
             # samples come from the previous weights and legitimately differ)
@@ -49,6 +52,19 @@ def test_train_two_steps_then_resume(ray_local: object, tiny_ckpt: str, tmp_path
     assert first["version_lag"] == 0 and second["version_lag"] in (0, 1) and second["stale_groups"] == 0
     assert first["lambda1"] == pytest.approx(cfg.lambda1) and second["lambda1"] == pytest.approx(cfg.lambda1 / 2)
     assert second["policy_version"] == 2
+
+    # one episodes.jsonl record per rollout: what the orchestrator wrote, the answer, its score and reward
+    episodes = [json.loads(line) for line in (out / EPISODES_FILE).read_text().splitlines()]
+    assert [e["step"] for e in episodes] == [1, 1, 2, 2]
+    for e in episodes:
+        assert e["task_id"].startswith("widegeo-train-") and 0 <= e["item_f1"] <= 1
+        assert e["orchestrator"] and all(o["role"] in ("plan", "aggregate") for o in e["orchestrator"])
+        assert any(o["text"] for o in e["orchestrator"])
+        assert isinstance(e["answer"], str) and e["critical_steps"] >= 1
+    by_step = {s: [e for e in episodes if e["step"] == s] for s in (1, 2)}
+    for s, group in by_step.items():  # the logged advantages are the group's (zero-mean) ones
+        assert sum(e["advantage"] for e in group) == pytest.approx(0, abs=1e-6)
+        assert sum(e["reward"] for e in group) / 2 == pytest.approx(chunk.records[s - 1].values["reward"])
 
     assert read_config(out / "checkpoint").num_hidden_layers == ModelConfig.preset("tiny").num_hidden_layers
     state = json.loads((out / LOOP_STATE_FILE).read_text())
@@ -66,6 +82,7 @@ def test_train_two_steps_then_resume(ray_local: object, tiny_ckpt: str, tmp_path
     assert res.steps == 3 and res.version == 3
     chunk = read_metrics(out / "metrics.jsonl")
     assert [r.step for r in chunk.records] == [1, 2, 3]  # appended, not restarted
+    assert [json.loads(line)["step"] for line in (out / EPISODES_FILE).read_text().splitlines()] == [1, 1, 2, 2, 3, 3]
     assert chunk.records[2].values["policy_version"] == 3
     assert chunk.records[2].values["lambda1"] == pytest.approx(0.0)  # annealed to 0 at anneal_steps=2
     assert json.loads((out / LOOP_STATE_FILE).read_text())["cursor"] == 3

@@ -141,3 +141,36 @@ def test_stream_decoder_holds_partial_utf8() -> None:
     dec2 = StreamDecoder(tok)
     dec2.push(0xE4)
     assert dec2.flush() == "\ufffd"  # a cut-off character is replaced, not dropped silently
+
+
+def _with_never_encode(src: Path, dst: Path, never: object) -> Path:
+    dst.mkdir()
+    (dst / "tiktoken.model").write_text((src / "tiktoken.model").read_text())
+    cfg = json.loads((src / "tokenizer_config.json").read_text())
+    (dst / "tokenizer_config.json").write_text(json.dumps({**cfg, "never_encode": never}))
+    return dst
+
+
+def test_never_encode_spells_with_smaller_pieces_and_still_decodes(kimi_dir: Path, tmp_path: Path) -> None:
+    full = TiktokenTokenizer.from_dir(kimi_dir)
+    word = " capital"
+    (whole,) = full.encode(word)  # one merged token in the full vocabulary
+    pruned = TiktokenTokenizer.from_dir(_with_never_encode(kimi_dir, tmp_path / "pruned", [whole]))
+    assert pruned.never_encode == {whole}
+    text = "the capital of france is paris."
+    ids = pruned.encode(text)
+    assert whole not in ids and len(ids) > len(full.encode(text))
+    assert pruned.decode(ids) == text
+    assert pruned.decode([whole]) == word  # the id still decodes (a model may still write it)
+    assert pruned.vocab_size == full.vocab_size  # ids do not move
+    # text without the token is encoded exactly as before
+    assert pruned.encode("the population of tokyo") == full.encode("the population of tokyo")
+
+
+def test_never_encode_rejects_bad_values(kimi_dir: Path, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="never_encode"):
+        TiktokenTokenizer.from_dir(_with_never_encode(kimi_dir, tmp_path / "a", ["x"]))
+    with pytest.raises(ValueError, match="never_encode"):
+        TiktokenTokenizer.from_dir(_with_never_encode(kimi_dir, tmp_path / "b", [10**6]))
+    with pytest.raises(ValueError, match="single-byte"):
+        TiktokenTokenizer.from_dir(_with_never_encode(kimi_dir, tmp_path / "c", [ord("a")]))

@@ -40,6 +40,8 @@ class PARLConfig(BaseModel):
     swarm_workers: int = Field(2, ge=1, description="sub-agent worker actors of the swarm runtime")
     episode_retries: int = Field(2, ge=0, description="re-runs of an episode that failed for infrastructure reasons")
     temperature: float = Field(1.0, gt=0, description="orchestrator sampling temperature (the loss uses the same)")
+    subagent_temperature: float = Field(
+        0.0, ge=0, description="frozen sub-agents' sampling temperature (0 = greedy: they are part of the environment)")
     orchestrator_max_tokens: int = Field(1024, ge=16)
     subagent_max_tokens: int = Field(256, ge=16)
     max_subagents: int = Field(8, ge=1, le=100)

@@ -18,10 +18,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from dashboards.metrics import METRICS_FILE
 from planner.envs.base import Task
 from planner.parl.advantages import group_advantages
 from planner.parl.config import PARLConfig
-from planner.parl.metrics import MetricsWriter, rollout_metrics
+from planner.parl.metrics import (
+    EPISODES_FILE,
+    MetricsWriter,
+    append_episodes,
+    episode_record,
+    rollout_metrics,
+)
 from planner.parl.reward import episode_reward
 from planner.parl.rollout import (
     Episode,
@@ -100,6 +107,7 @@ def run_training(cfg: PARLConfig, *, resume: bool = False, address: str | None =
 
     from model_shards.model_runner import RunnerSpec
     from model_shards.shards import launch_engine_actor
+    from model_shards.tokenizer import load_tokenizer
     from planner.parl.policy_host import launch_policy_host
     from planner.parl.trainer import STATE_FILE, PARLTrainer, launch_trainer_actor
 
@@ -121,6 +129,7 @@ def run_training(cfg: PARLConfig, *, resume: bool = False, address: str | None =
                              f"raise `steps` (now {cfg.steps}) to train further")
     pool = task_pool(cfg)
     tokenizer = default_tokenizer(cfg)
+    decode = load_tokenizer(tokenizer).decode  # the orchestrator's text, for episodes.jsonl
     owns_ray = not ray.is_initialized()
     if owns_ray:
         ray.init(address=address, namespace=cfg.namespace, log_to_driver=False)
@@ -156,8 +165,9 @@ def run_training(cfg: PARLConfig, *, resume: bool = False, address: str | None =
             step, cursor = int(loop_state["step"]), int(loop_state["cursor"])
             trainer("push_weights", False)  # the engine serves the resumed policy, not the initial one
             log(f"resumed at step {step} (policy version {trainer('get_version')})")
-        elif (out / "metrics.jsonl").exists():
-            (out / "metrics.jsonl").unlink()  # a fresh run starts a fresh curve
+        else:
+            for name in (METRICS_FILE, EPISODES_FILE):  # a fresh run starts a fresh curve and log
+                (out / name).unlink(missing_ok=True)
         writer = MetricsWriter(out, cfg.tensorboard, log)
 
         def submit(reqs: list[EpisodeRequest]) -> list[Any]:
@@ -166,10 +176,11 @@ def run_training(cfg: PARLConfig, *, resume: bool = False, address: str | None =
         pending: list[Any] | None = None
         last: dict[str, Any] = {}
         t_run = time.perf_counter()
+        submitted_at = 0.0  # when the rollouts being collected were submitted (maybe during the last update)
         while step < cfg.steps:
             t0 = time.perf_counter()
             if pending is None:
-                pending = submit(step_requests(pool, cursor, cfg))
+                pending, submitted_at = submit(step_requests(pool, cursor, cfg)), t0
             episodes = [e for chunk in ray.get(pending) for e in chunk]
             pending = None
             reqs = step_requests(pool, cursor, cfg)
@@ -187,8 +198,10 @@ def run_training(cfg: PARLConfig, *, resume: bool = False, address: str | None =
                 raise RuntimeError(f"rollouts stayed more than max_version_lag={cfg.max_version_lag} versions "
                                    f"behind after {MAX_STALE_RECOLLECTS} re-collections")
             gen_s = time.perf_counter() - t0
+            rollout_s = time.perf_counter() - submitted_at  # the rollouts' own wall time, overlap included
             if cfg.max_version_lag >= 1 and step + 1 < cfg.steps:
-                pending = submit(step_requests(pool, cursor, cfg))  # generated while the trainer updates
+                # generated while the trainer updates
+                pending, submitted_at = submit(step_requests(pool, cursor, cfg)), time.perf_counter()
 
             terms = [episode_reward(e.stats, step, cfg) for e in episodes]
             for g in {e.group for e in episodes}:
@@ -208,10 +221,12 @@ def run_training(cfg: PARLConfig, *, resume: bool = False, address: str | None =
                     "version_lag": float(max((version - e.min_version for e in episodes if e.samples), default=0)),
                     "gen_s": gen_s, "train_s": train_s, "sync_s": sync_s,
                     "share_gen": gen_s / total, "share_train": train_s / total, "share_sync": sync_s / total,
-                    "rollouts_per_s": len(episodes) / gen_s if gen_s > 0 else None,
-                    "tokens_per_s": sum(e.completion_tokens for e in episodes) / gen_s if gen_s > 0 else None,
+                    "rollout_s": rollout_s,
+                    "rollouts_per_s": len(episodes) / rollout_s if rollout_s > 0 else None,
+                    "tokens_per_s": sum(e.completion_tokens for e in episodes) / rollout_s if rollout_s > 0 else None,
                     "elapsed_s": time.perf_counter() - t_run}
             writer.write(step, last)
+            append_episodes(out, [episode_record(step, e, t, decode) for e, t in zip(episodes, terms)])
             log(f"step {step}/{cfg.steps}: reward {_fmt(last['reward'])} item-F1 {_fmt(last['item_f1'])} "
                 f"critical steps {_fmt(last['critical_steps'])} sub-agents {_fmt(last['subagents_per_task'])} "
                 f"loss {_fmt(last['loss'])} ({gen_s:.1f}s gen, {train_s:.1f}s train, {sync_s:.2f}s sync)")

@@ -1,8 +1,11 @@
 """Per-step training metrics: metrics.jsonl (dashboards.metrics format, read by the dashboard) and,
-optionally, TensorBoard when `torch.utils.tensorboard` can be imported."""
+optionally, TensorBoard when `torch.utils.tensorboard` can be imported; and episodes.jsonl, one
+record per rollout (what the orchestrator wrote, the answer, its score and reward terms), so a
+researcher can read what the policy actually did at any step."""
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -40,6 +43,32 @@ def rollout_metrics(episodes: Sequence[Episode], terms: Sequence[RewardTerms], t
         "share_tools_in_rollout": (sum(e.tool_time_s for e in episodes) / wall) if wall > 0 else None,
         "episode_wall_s": _mean([e.wall_s for e in episodes]),
     }
+
+
+EPISODES_FILE = "episodes.jsonl"
+ANSWER_CHARS = 4000  # an answer longer than this is cut in the log (the score used all of it)
+
+
+def episode_record(step: int, e: Episode, t: RewardTerms, decode: Any = None) -> dict[str, Any]:
+    """One rollout as a JSON-able record. `decode(ids) -> str` adds the orchestrator's own text."""
+    rec: dict[str, Any] = {
+        "step": step, "task_id": e.task_id, "group": e.group, "index": e.index, "episode_id": e.episode_id,
+        "state": e.state, "error": e.error, "item_f1": e.item_f1, "reward": t.total,
+        "r_parallel": t.r_parallel, "r_finish": t.r_finish, "r_perf": t.r_perf,
+        "critical_steps": e.stats.critical_steps, "subagents": e.subagents, "finished_ok": e.stats.finished_ok,
+        "tool_calls": e.tool_calls, "wall_s": round(e.wall_s, 3), "attempts": e.attempts,
+        "advantage": e.samples[0].advantage if e.samples else None,
+        "answer": e.answer[:ANSWER_CHARS],
+    }
+    if decode is not None:
+        rec["orchestrator"] = [{"role": s.role, "version": s.version, "text": decode(s.completion_ids)}
+                               for s in e.samples]
+    return rec
+
+
+def append_episodes(out: str | Path, records: Sequence[Mapping[str, Any]]) -> None:
+    with open(Path(out) / EPISODES_FILE, "a", encoding="utf-8") as f:
+        f.writelines(json.dumps(r) + "\n" for r in records)  # ASCII: no raw U+2028 to split a line
 
 
 class MetricsWriter:

@@ -108,12 +108,14 @@ def episode_llm_config(policy_actor: str, episode_id: str, *, temperature: float
 class PARLChatClient:
     """swarm.llm.LLMClient of one episode: orchestrator calls -> policy host (recorded), others -> sub-agent engine."""
 
-    def __init__(self, config: LLMConfig, subagent_actor: str, subagent_max_tokens: int) -> None:
+    def __init__(self, config: LLMConfig, subagent_actor: str, subagent_max_tokens: int,
+                 subagent_temperature: float = 0.0) -> None:
         if not (config.model or "").startswith(EPISODE_PREFIX):
             raise ValueError(f"PARLChatClient needs LLMConfig.model = '{EPISODE_PREFIX}<id>', got {config.model!r}")
         self.episode_id = (config.model or "")[len(EPISODE_PREFIX):]
         self.policy = EngineChatClient(config)
         self.subagent_max_tokens = subagent_max_tokens
+        self.subagent_temperature = subagent_temperature
         self.subagents = EngineChatClient(config.model_copy(update={"engine_actor": subagent_actor}))
 
     async def chat(
@@ -128,8 +130,10 @@ class PARLChatClient:
     ) -> ChatResult:
         role = call_role(messages, tools, response_format)
         if role == "subagent":
-            # The job passes one max_tokens to every agent; sub-agents get their own cap.
-            return await self.subagents.chat(messages, tools, tool_choice=tool_choice, temperature=temperature,
+            # The job passes one max_tokens and temperature to every agent; the frozen sub-agents get their
+            # own (greedy by default: their sampling noise would only add variance to the orchestrator's reward).
+            return await self.subagents.chat(messages, tools, tool_choice=tool_choice,
+                                             temperature=self.subagent_temperature,
                                              max_tokens=self.subagent_max_tokens, response_format=response_format)
         try:
             chat, tool_defs, params, constraint = self.policy._request(
@@ -155,6 +159,7 @@ class PARLLLMFactory:
 
     subagent_actor: str
     subagent_max_tokens: int = 256
+    subagent_temperature: float = 0.0
 
     def __call__(self, config: LLMConfig) -> PARLChatClient:
-        return PARLChatClient(config, self.subagent_actor, self.subagent_max_tokens)
+        return PARLChatClient(config, self.subagent_actor, self.subagent_max_tokens, self.subagent_temperature)

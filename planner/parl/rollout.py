@@ -154,7 +154,7 @@ class RolloutWorker:
         self.policy_actor = policy_actor
         self.env = get_env(cfg.env)
         self.corpus = str(self.env.corpus_path())
-        factory = PARLLLMFactory(subagent_actor, cfg.subagent_max_tokens)
+        factory = PARLLLMFactory(subagent_actor, cfg.subagent_max_tokens, cfg.subagent_temperature)
         self.runtime = SwarmRuntime(num_workers=cfg.swarm_workers, namespace=cfg.namespace, llm_factory=factory)
         self._policy: Any = None
 

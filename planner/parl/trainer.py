@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from model_shards.bpe import TOKENIZER_FILES
 from model_shards.checkpoint import load_checkpoint, save_checkpoint
 from planner.parl.config import PARLConfig
 from planner.parl.loss import policy_loss
@@ -33,7 +34,6 @@ from planner.parl.samples import (
 STATE_FILE = "train_state.pt"
 CHECKPOINT_DIR = "checkpoint"
 POLICY_FILE = "policy.json"
-TOKENIZER_FILES = ("tiktoken.model", "tokenizer_config.json", "generation_config.json")
 
 
 def micro_batches(samples: Sequence[OrchestratorSample], n: int) -> list[list[OrchestratorSample]]:
