@@ -34,8 +34,9 @@ _CODE = re.compile(r"[A-Z]{3}")  # ISO 4217 currency codes get fake codes of the
 _LIST_ITEM_MIN = 3  # characters: shorter list items are not taken for names
 _PLACE_NAME = re.compile(r"[A-Z][A-Za-z' -]{2,19}")
 
-FakeNames = Literal["syllables", "places"]
+FakeNames = Literal["syllables", "places", "places+countries"]
 FAKE_NAME_KINDS: tuple[str, ...] = get_args(FakeNames)
+COUNTRY_NAME_SHARE = 1 / 3  # "places+countries": the share of fake names drawn from country_names()
 
 
 @lru_cache(maxsize=1)
@@ -46,24 +47,51 @@ def place_names() -> tuple[str, ...]:
     Syllable names have a distribution a model can learn to *write* (it then invents plausible names
     instead of copying); a name drawn from thousands of real ones cannot be guessed, only copied."""
     data = load_geodata()
-    test: set[str] = set()
-    for c in data.countries.values():
-        if split_of_country(data, c.iso) == "test":
-            test |= {fold(c.name), fold(c.capital), fold(c.currency_name)}
-    test |= {fold(city.name) for city in data.cities.values() if split_of_country(data, city.country) == "test"}
+    test = _test_entity_names()
     return tuple(sorted({city.name for city in data.cities.values()
                          if split_of_country(data, city.country) == "train" and _PLACE_NAME.fullmatch(city.name)
                          and fold(city.name) not in test}))
 
 
+@lru_cache(maxsize=1)
+def _test_entity_names() -> frozenset[str]:
+    """Folded names of test-split countries, capitals, currencies and cities: never a fake name."""
+    data = load_geodata()
+    test: set[str] = set()
+    for c in data.countries.values():
+        if split_of_country(data, c.iso) == "test":
+            test |= {fold(c.name), fold(c.capital), fold(c.currency_name)}
+    test |= {fold(city.name) for city in data.cities.values() if split_of_country(data, city.country) == "test"}
+    return frozenset(test)
+
+
+@lru_cache(maxsize=1)
+def country_names() -> tuple[str, ...]:
+    """Names of train-split countries and their currencies, minus any test-split name ("Euro"). Stage 1's BPE made many of them
+    single tokens, and renamed-only training data never has the policy write them, so it cannot
+    copy them (docs/policy.md, "Session 9"); as fake names they become copy targets."""
+    data = load_geodata()
+    test = _test_entity_names()
+    names = {n for c in data.countries.values() if split_of_country(data, c.iso) == "train"
+             for n in (c.name, c.currency_name) if n and _PLACE_NAME.fullmatch(n) and fold(n) not in test}
+    return tuple(sorted(names))
+
+
 def fake_name(rng: random.Random, taken: set[str], like: str = "", kind: FakeNames = "syllables") -> str:
     """A made-up name not in `taken`: three capitals for a code `like` "EUR"; otherwise a pronounceable
-    one or two words ("syllables") or a train-split city name drawn at random ("places")."""
+    one or two words ("syllables"), a train-split city name drawn at random ("places"), or with
+    "places+countries" a train-split country or currency name one time in three, else a city name."""
     while _CODE.fullmatch(like):
         code = "".join(chr(rng.randint(65, 90)) for _ in range(3))
         if code not in taken:
             taken.add(code)
             return code
+    while kind == "places+countries":
+        pool = country_names() if rng.random() < COUNTRY_NAME_SHARE else place_names()
+        name = rng.choice(pool)
+        if name not in taken:
+            taken.add(name)
+            return name
     while kind == "places":
         name = rng.choice(place_names())
         if name not in taken:

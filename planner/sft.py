@@ -79,7 +79,9 @@ class SFTConfig(BaseModel):
     # memorised fact cannot predict them, so they teach copying from the search results.
     fake_entity_copies: int = Field(0, ge=0, le=8)
     # How fake names are made (planner.augment.fake_name): "places" draws real train-split city names,
-    # which cannot be guessed; "syllables" ones have a learnable shape the model starts inventing.
+    # which cannot be guessed; "syllables" ones have a learnable shape the model starts inventing;
+    # "places+countries" also draws train-split country and currency names (a third of the time), so
+    # their tokens are written as copy targets (docs/policy.md, "Session 9").
     fake_names: FakeNames = "syllables"
     # Train on the renamed copies only: a real train-split name in the training data is one the model
     # can recall instead of copy, and that habit is what fails on held-out countries.
@@ -604,7 +606,8 @@ def _parse(argv: list[str] | None) -> tuple[SFTConfig, bool, int | None, bool]:
     p.add_argument("--context-loss-weight", type=float, default=0.0)
     p.add_argument("--fake-entity-copies", type=int, default=0, help="renamed-entity copies per conversation")
     p.add_argument("--fake-names", default="syllables", choices=list(FAKE_NAME_KINDS),
-                   help="fake names: pronounceable syllables, or real train-split city names drawn at random")
+                   help="fake names: pronounceable syllables, real train-split city names drawn at random, or "
+                        "those plus train-split country and currency names (places+countries)")
     p.add_argument("--fake-only", action="store_true", help="train on the renamed copies only (no real train names)")
     p.add_argument("--fake-languages", action="store_true", help="rename a language task's language in the fake copies too")
     p.add_argument("--spaced-names", action="store_true",

@@ -9,7 +9,7 @@ import re
 import pytest
 
 from planner.envs.widegeo import task_subject
-from planner.augment import fake_entity_copy, fake_name, fake_number, place_names, task_entities
+from planner.augment import country_names, fake_entity_copy, fake_name, fake_number, place_names, task_entities
 from planner.envs.geodata import fold, load_geodata, split_of_country
 from planner.envs import get_env
 from planner.traces import synthesize
@@ -118,3 +118,26 @@ def test_fake_languages_renames_the_language_of_a_language_task():
         renamed = json.dumps([m.get("content") for m in fake.messages[1:]], ensure_ascii=False)
         assert not re.search(rf"(?<!\w){re.escape(lang)}(?!\w)", renamed), conv.kind
     assert checked >= 2  # the lister and the plan name the language at least
+
+
+def test_places_and_countries_fake_names_mix_train_countries_in(traces):
+    data = load_geodata()
+    countries = set(country_names())
+    train = {c.name for c in data.countries.values() if split_of_country(data, c.iso) == "train"}
+    test = {fold(n) for c in data.countries.values() if split_of_country(data, c.iso) == "test"
+            for n in (c.name, c.capital, c.currency_name)}
+    assert {"Greece", "Fiji", "Latvia"} <= countries and not test & {fold(n) for n in countries}
+    assert len(countries & train) > 100
+    rng, names = random.Random(3), []
+    for _ in range(20):  # 20 conversations of 30 names: unique within each
+        taken: set[str] = set()
+        drawn = [fake_name(rng, taken, kind="places+countries") for _ in range(30)]
+        assert len(set(drawn)) == 30 and set(drawn) <= countries | set(place_names())
+        names += drawn
+    share = sum(n in countries for n in names) / len(names)
+    assert 0.25 < share < 0.42  # about COUNTRY_NAME_SHARE (1/3); the rest are train-split city names
+    tr = traces[0]
+    conv = next(c for c in tr.conversations if c.kind == "subagent")
+    fake = fake_entity_copy(conv, task_entities(tr), "pc/0", names="places+countries")
+    joined = "\n".join(t for _, t in _texts(fake))
+    assert not any(re.search(r"(?<!\w)" + re.escape(e) + r"(?!\w)", joined) for e in task_entities(tr))
