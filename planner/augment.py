@@ -67,9 +67,10 @@ def _test_entity_names() -> frozenset[str]:
 
 @lru_cache(maxsize=1)
 def country_names() -> tuple[str, ...]:
-    """Names of train-split countries and their currencies, minus any test-split name ("Euro"). Stage 1's BPE made many of them
-    single tokens, and renamed-only training data never has the policy write them, so it cannot
-    copy them (docs/policy.md, "Session 9"); as fake names they become copy targets."""
+    """Names of train-split countries and their currencies, minus any test-split name ("Euro").
+    Stage 1's BPE made many of them single tokens, and renamed-only training data never has the
+    policy write them, so it cannot copy them (docs/policy.md, "Session 9"); as fake names they
+    become copy targets."""
     data = load_geodata()
     test = _test_entity_names()
     names = {n for c in data.countries.values() if split_of_country(data, c.iso) == "train"
@@ -86,14 +87,10 @@ def fake_name(rng: random.Random, taken: set[str], like: str = "", kind: FakeNam
         if code not in taken:
             taken.add(code)
             return code
-    while kind == "places+countries":
-        pool = country_names() if rng.random() < COUNTRY_NAME_SHARE else place_names()
-        name = rng.choice(pool)
-        if name not in taken:
-            taken.add(name)
-            return name
-    while kind == "places":
-        name = rng.choice(place_names())
+    while kind in ("places", "places+countries"):
+        # "places" draws no extra random number, so its data stays byte-identical to earlier stages'.
+        countries = kind == "places+countries" and rng.random() < COUNTRY_NAME_SHARE
+        name = rng.choice(country_names() if countries else place_names())
         if name not in taken:
             taken.add(name)
             return name

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +49,8 @@ EPISODES_FILE = "episodes.jsonl"
 ANSWER_CHARS = 4000  # an answer longer than this is cut in the log (the score used all of it)
 
 
-def episode_record(step: int, e: Episode, t: RewardTerms, decode: Any = None) -> dict[str, Any]:
+def episode_record(step: int, e: Episode, t: RewardTerms,
+                   decode: Callable[[list[int]], str] | None = None) -> dict[str, Any]:
     """One rollout as a JSON-able record. `decode(ids) -> str` adds the orchestrator's own text."""
     rec: dict[str, Any] = {
         "step": step, "task_id": e.task_id, "group": e.group, "index": e.index, "episode_id": e.episode_id,
