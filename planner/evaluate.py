@@ -70,6 +70,21 @@ def single_agent_spec(task: Task, settings: Settings, corpus: str, tools: list[s
     )
 
 
+TRAIN_POOL = 400  # examples/parl_widegeo.yaml's task_pool: --split train sees the tasks PARL samples
+TRAIN_SPLIT_N = 30  # --split train without --n: as many tasks as the held-out WideGeo set
+
+
+def split_tasks(env: Any, split: str, seed: int = 0) -> list[Task]:
+    """The tasks to evaluate on: the fixed eval set ("test"), or the train-split pool that `swarm
+    train` draws with data_seed `seed` ("train"; a diagnostic: how much reward signal PARL will see
+    from this policy)."""
+    if split == "test":
+        return env.eval_set()
+    if split == "train":
+        return env.tasks("train", TRAIN_POOL, seed)
+    raise ValueError(f"--split must be 'test' or 'train', got {split!r}")
+
+
 def select_tasks(tasks: Sequence[Task], n: int | None = None, max_rows: int | None = None,
                  task_ids: Sequence[str] | None = None) -> list[Task]:
     """Tasks with at most max_rows gold rows (all when None), then the first n of them; `task_ids`
@@ -164,12 +179,15 @@ def run_eval(
     tp: int = 2,
     engine_options: dict[str, Any] | None = None,
     task_ids: Sequence[str] | None = None,
+    split: str = "test",
+    seed: int = 0,
 ) -> int:
     """Run the evaluation; returns the exit code (0 every job succeeded, 1 some failed, 2 no model).
     The model is chosen as for `swarm demo` (planner.builtin.select_model): `checkpoint` if given, else
     the configured endpoint, else the built-in policy, served with `tp` shards; `orchestrator` None
     means the model's default. Raises ValueError for bad arguments (unknown env, policy or
-    orchestrator or task id; no task selected)."""
+    orchestrator or task id; no task selected). `split="train"` evaluates on the train-split pool of
+    `swarm train` (data seed `seed`), the first TRAIN_SPLIT_N tasks unless `n` says otherwise."""
     from planner.builtin import NoModelError, running_model, select_model
 
     console = console or Console()
@@ -180,7 +198,10 @@ def run_eval(
     if tp < 1:
         raise ValueError(f"--tp must be >= 1, got {tp}")
     env = get_env(env_name)
-    tasks = select_tasks(env.eval_set(), n, max_rows, task_ids)
+    pool = split_tasks(env, split, seed)
+    if split == "train" and n is None and not task_ids:
+        n = TRAIN_SPLIT_N
+    tasks = select_tasks(pool, n, max_rows, task_ids)
     settings = settings or load_settings()
     try:
         selection = select_model(settings, checkpoint, orchestrator)
@@ -223,7 +244,8 @@ def run_eval(
                     line = (f"{task.id} {pol}: {r.state} item-F1 {r.item_f1:.3f} row-F1 {r.row_f1:.3f} "
                             f"critical steps {r.critical_steps} wall {r.wall_s:.1f} s")
                     console.print(line + (f" error: {r.error}" if r.error else ""), highlight=False)
-    title = f"{env_name}: {len(tasks)} task(s), swarm orchestrator {orchestrator!r}"
+    where = "" if split == "test" else f" of the train split (seed {seed})"
+    title = f"{env_name}: {len(tasks)} task(s){where}, swarm orchestrator {orchestrator!r}"
     console.print(results_table(title, results))
     console.print(f"results: {out_path}", highlight=False)
     return 0 if all(r.state == "succeeded" for r in results) else 1

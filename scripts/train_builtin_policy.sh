@@ -111,7 +111,14 @@ sft_stage "$W/cpu-c" 450 --steps 450 --lr 3e-4 --warmup 10 --train-tasks 600 --d
 #    steps. (Stages 12 and 14 were tries that regressed, not in this lineage: docs/policy.md.)
 sft_stage "$W/cpu-d" 450 --steps 450 --lr 3e-4 --warmup 10 --train-tasks 600 --data-seed 6 --fake-entity-copies 2 \
     --batch-tokens 12288 --eval-every 150 --save-every 20 --init-from "$W/cpu-c" "${S[@]}"
-LAST="$W/cpu-d"
+
+# 16. The train-split country names as copy targets: one fake name in three drawn from the train-split
+#    country and currency names (--fake-names places+countries), so tokens like " Fiji" that stage 1's
+#    BPE made whole are written, not only read. 200 steps on 600 new tasks (data seed 9) at lr 6e-5, near
+#    where stage 13's schedule ended: at 2e-4 the same data cost a third of the held-out score.
+sft_stage "$W/cpu-e" 200 --steps 200 --lr 6e-5 --warmup 10 --train-tasks 600 --data-seed 9 --fake-entity-copies 2 \
+    --batch-tokens 12288 --eval-every 100 --save-every 20 --init-from "$W/cpu-d" "${S[@]}" --fake-names places+countries
+LAST="$W/cpu-e"
 
 # Ship: the checkpoint, its tokenizer, policy.json (the last stage's command and config) and every
 # stage's log; not train_state.pt (optimizer state, 5x the weights).
@@ -131,4 +138,5 @@ cp "$W/gpu-b/train_log.jsonl" "$DEST/logs/7-gpu-b_train_log.jsonl"
 cp "$W/cpu-a/train_log.jsonl" "$DEST/logs/8-cpu-a_train_log.jsonl"
 cp "$W/cpu-b/train_log.jsonl" "$DEST/logs/9-cpu-b_train_log.jsonl"
 cp "$W/cpu-c/train_log.jsonl" "$DEST/logs/11-cpu-c_train_log.jsonl"
+cp "$W/cpu-d/train_log.jsonl" "$DEST/logs/13-cpu-d_train_log.jsonl"
 echo "policy: $LAST, shipped to $DEST"

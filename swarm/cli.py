@@ -389,6 +389,10 @@ def eval_cmd(
     address: Optional[str] = typer.Option(None, "--address", help="Ray cluster (default: settings, else embedded)"),
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help=_CHECKPOINT_HELP),
     tp: int = typer.Option(2, "--tp", min=1, help="tensor-parallel shards of the engine (built-in policy / --checkpoint)"),
+    split: str = typer.Option(
+        "test", "--split", help="test: the fixed held-out eval set; train: the train-split tasks `swarm train` "
+        "samples (a diagnostic of the reward signal PARL will see; 30 tasks unless --n)"),
+    seed: int = typer.Option(0, "--seed", help="with --split train: the data seed of the pool (PARL's data_seed)"),
 ) -> None:
     """Evaluate on ENV's fixed eval set: item-F1, row-F1, critical steps, wall time, sub-agents and tool
     calls per task for the swarm and a single agent, with their means; writes a JSONL. The model is
@@ -399,7 +403,7 @@ def eval_cmd(
     try:
         code = run_eval(env, settings=_state(ctx).settings(), address=address, policy=policy, n=n,
                         max_rows=max_rows, orchestrator=orchestrator, out=out, console=console,
-                        checkpoint=checkpoint, tp=tp, task_ids=task)
+                        checkpoint=checkpoint, tp=tp, task_ids=task, split=split, seed=seed)
     except ValueError as e:
         fail(str(e), EXIT_USAGE)
     raise typer.Exit(code)

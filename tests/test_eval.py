@@ -103,3 +103,26 @@ def test_select_tasks_by_id_keeps_the_eval_sets_order_and_names_unknown_ids() ->
     big = max(tasks, key=lambda t: len(t.gold))
     with pytest.raises(ValueError, match="at most 1 rows"):
         select_tasks(tasks, max_rows=1, task_ids=[big.id])
+
+
+def test_eval_on_the_train_split_runs_the_pool_parl_samples(ray_local, endpoint, tmp_path) -> None:
+    from planner.parl.config import PARLConfig
+    from planner.parl.loop import task_pool
+
+    # The tasks `swarm train` would sample with this data seed, in its order, filtered the same way.
+    pool = task_pool(PARLConfig(policy_checkpoint="x", out=str(tmp_path / "run"), task_pool=400, data_seed=3,
+                                max_rows=3))
+    held_out = {t.id for t in get_env("widegeo").eval_set()}
+    for t in pool[:2]:
+        endpoint.enqueue(completion(gold_table(t)))
+    out = tmp_path / "train.jsonl"
+    r = runner.invoke(app, ["eval", "widegeo", "--split", "train", "--seed", "3", "--n", "2", "--max-rows", "3",
+                            "--policy", "swarm", "--orchestrator", "agent", "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    rows = read_jsonl(out)
+    assert [x["task_id"] for x in rows] == [t.id for t in pool[:2]]
+    assert all("-train-" in x["task_id"] and x["task_id"] not in held_out for x in rows)
+    assert all(x["item_f1"] == 1.0 for x in rows)
+    assert "of the train split (seed 3)" in r.output
+    r = runner.invoke(app, ["eval", "widegeo", "--split", "dev"])
+    assert r.exit_code == 2 and "--split must be 'test' or 'train', got 'dev'" in r.output
