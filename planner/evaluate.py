@@ -70,7 +70,9 @@ def single_agent_spec(task: Task, settings: Settings, corpus: str, tools: list[s
     )
 
 
-TRAIN_POOL = 400  # examples/parl_widegeo.yaml's task_pool: --split train sees the tasks PARL samples
+# --split train draws this many train tasks. An env's task list for a seed is prefix-stable (the first
+# 200 of 400 are the 200), so its first tasks are those of any PARL task_pool with that seed.
+TRAIN_POOL = 400  # examples/parl_widegeo.yaml's task_pool
 TRAIN_SPLIT_N = 30  # --split train without --n: as many tasks as the held-out WideGeo set
 
 
