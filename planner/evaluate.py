@@ -183,13 +183,17 @@ def run_eval(
     task_ids: Sequence[str] | None = None,
     split: str = "test",
     seed: int = 0,
+    subagent_checkpoint: str | Path | None = None,
 ) -> int:
     """Run the evaluation; returns the exit code (0 every job succeeded, 1 some failed, 2 no model).
     The model is chosen as for `swarm demo` (planner.builtin.select_model): `checkpoint` if given, else
     the configured endpoint, else the built-in policy, served with `tp` shards; `orchestrator` None
     means the model's default. Raises ValueError for bad arguments (unknown env, policy or
     orchestrator or task id; no task selected). `split="train"` evaluates on the train-split pool of
-    `swarm train` (data seed `seed`), the first TRAIN_SPLIT_N tasks unless `n` says otherwise."""
+    `swarm train` (data seed `seed`), the first TRAIN_SPLIT_N tasks unless `n` says otherwise.
+    `subagent_checkpoint`: the sub-agents (and the single agent) run on a second engine serving that
+    checkpoint, the orchestrator on the selected model, as in `swarm train` (a PARL checkpoint judged
+    with the frozen sub-agents it was trained with)."""
     from planner.builtin import NoModelError, running_model, select_model
 
     console = console or Console()
@@ -207,6 +211,7 @@ def run_eval(
     settings = settings or load_settings()
     try:
         selection = select_model(settings, checkpoint, orchestrator)
+        sub_selection = select_model(settings, subagent_checkpoint) if subagent_checkpoint is not None else None
     except NoModelError as e:
         console.print(str(e), highlight=False)
         return 2
@@ -221,6 +226,8 @@ def run_eval(
 
     results: list[EvalResult] = []
     console.print(f"model: {selection.describe(tp if selection.builtin else None)}", highlight=False)
+    if sub_selection is not None:
+        console.print(f"sub-agents: {sub_selection.describe(tp)}", highlight=False)
     # Stopped in reverse order on the way out: the engine this run started (if any), then Ray.
     with ExitStack() as stack:
         runtime = SwarmRuntime(address=address or settings.ray_address, num_workers=settings.num_workers)
@@ -228,6 +235,9 @@ def run_eval(
         with console.status("starting the model ..."):
             llm = stack.enter_context(running_model(selection, tp=tp, placement=settings.placement,
                                                     **(engine_options or {})))
+            sub_llm = (stack.enter_context(running_model(sub_selection, tp=tp, placement=settings.placement,
+                                                         **(engine_options or {})))
+                       if sub_selection is not None else None)
         settings = settings.model_copy(update={"llm": llm})
         with out_path.open("wb") as f:
             for task in tasks:
@@ -236,6 +246,7 @@ def run_eval(
                                        merge_tables=not selection.builtin)
                             if pol == "swarm" else single_agent_spec(task, settings, corpus, env.tools, label="eval single",
                                                                      **single_prompt))
+                    spec = spec.model_copy(update={"subagent_llm": sub_llm})
                     t0 = time.perf_counter()
                     with console.status(f"{task.id}: {pol} ..."):
                         status = asyncio.run(runtime.run_job(spec))

@@ -113,9 +113,10 @@ async def _read_body(request: Request, limit: int) -> bytes | JSONBody:
 def _sse(ev: _Event) -> bytes:
     data = ev.model_dump(mode="json")
     if isinstance(ev, JobSubmitted):
-        llm = data.get("spec", {}).get("llm")
-        if isinstance(llm, dict) and llm.get("api_key"):
-            llm["api_key"] = "***"  # a secret never leaves the server in an event stream
+        for key in ("llm", "subagent_llm"):
+            llm = data.get("spec", {}).get(key)
+            if isinstance(llm, dict) and llm.get("api_key"):
+                llm["api_key"] = "***"  # a secret never leaves the server in an event stream
     return b"id: %d\nevent: %s\ndata: %s\n\n" % (ev.seq, ev.type.encode(), orjson.dumps(data))
 
 

@@ -393,6 +393,9 @@ def eval_cmd(
         "test", "--split", help="test: the fixed held-out eval set; train: the train-split tasks `swarm train` "
         "samples (a diagnostic of the reward signal PARL will see; 30 tasks unless --n)"),
     seed: int = typer.Option(0, "--seed", help="with --split train: the data seed of the pool (PARL's data_seed)"),
+    subagent_checkpoint: Optional[Path] = typer.Option(
+        None, "--subagent-checkpoint", help="run the sub-agents (and the single agent) on this checkpoint, the "
+        "orchestrator on the model above: how `swarm train` runs them (e.g. a PARL checkpoint over planner/builtin_policy)"),
 ) -> None:
     """Evaluate on ENV's fixed eval set: item-F1, row-F1, critical steps, wall time, sub-agents and tool
     calls per task for the swarm and a single agent, with their means; writes a JSONL. The model is
@@ -403,7 +406,8 @@ def eval_cmd(
     try:
         code = run_eval(env, settings=_state(ctx).settings(), address=address, policy=policy, n=n,
                         max_rows=max_rows, orchestrator=orchestrator, out=out, console=console,
-                        checkpoint=checkpoint, tp=tp, task_ids=task, split=split, seed=seed)
+                        checkpoint=checkpoint, tp=tp, task_ids=task, split=split, seed=seed,
+                        subagent_checkpoint=subagent_checkpoint)
     except ValueError as e:
         fail(str(e), EXIT_USAGE)
     raise typer.Exit(code)

@@ -107,8 +107,9 @@ class _Node:
 def redacted_spec(spec: JobSpec) -> dict[str, Any]:
     """The spec as JobSubmitted carries it: events are stored and served, so no API key in them."""
     data = spec.model_dump(mode="json")
-    if data["llm"].get("api_key"):
-        data["llm"]["api_key"] = "***"
+    for key in ("llm", "subagent_llm"):
+        if (data.get(key) or {}).get("api_key"):
+            data[key]["api_key"] = "***"
     return data
 
 
@@ -678,7 +679,7 @@ class Job:
         return JobContext(
             job_id=self._job_id,
             instance=self._instance,
-            llm_config=self._spec.llm,
+            llm_config=self._spec.agent_llm,
             tools_config=self._spec.tools,
             llm_factory=self._cfg.llm_factory,
             registry_factory=self._cfg.registry_factory,

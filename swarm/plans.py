@@ -139,6 +139,11 @@ class JobSpec(WireModel):
     )
     limits: Limits = Field(default_factory=Limits)
     llm: LLMConfig = Field(default_factory=LLMConfig)
+    subagent_llm: LLMConfig | None = Field(
+        None,
+        description="the model the sub-agents (every agent of a plan) talk to; None: the same as 'llm', which then "
+        "serves the orchestrator only (e.g. a trained orchestrator over a fixed sub-agent model)",
+    )
     tools: ToolsConfig = Field(default_factory=ToolsConfig)
     metadata: dict[str, Any] = Field(default_factory=dict)
     # How a task job is orchestrated: "agent" is the K2.5 create_subagent/assign_task agent; "plan" has
@@ -165,6 +170,11 @@ class JobSpec(WireModel):
     @property
     def mode(self) -> Literal["plan", "orchestrator"]:
         return "plan" if self.plan is not None else "orchestrator"
+
+    @property
+    def agent_llm(self) -> LLMConfig:
+        """The model config the sub-agents use."""
+        return self.subagent_llm or self.llm
 
 
 class JobState(str, enum.Enum):

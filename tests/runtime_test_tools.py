@@ -63,15 +63,20 @@ def block_tool() -> Tool:
 
 class EchoTaskTestPolicy(ScriptedTestPolicy):
     """ScriptedTestPolicy that, for scripts with "echo_task", answers with its whole user message,
-    so a test can see exactly what an agent was given (its dependencies' results)."""
+    so a test can see exactly what an agent was given (its dependencies' results). The answer starts
+    "ECHO:", or "ECHO@<model>:" when the job's LLMConfig names a model (which config a call used)."""
+
+    def __init__(self, model: str | None = None) -> None:
+        super().__init__()
+        self.prefix = f"ECHO@{model}:" if model else "ECHO:"
 
     async def chat(self, messages: list[ChatMessage], tools: Any = None, **kwargs: Any) -> ChatResult:
         user = next(m.content or "" for m in messages if m.role == "user")
         if parse_script(user).get("echo_task"):
             # Defuse the echoed script so an agent depending on this one still finds its own.
-            return ChatResult(message=ChatMessage(role="assistant", content="ECHO:" + user.replace("<<script", "<<echoed")))
+            return ChatResult(message=ChatMessage(role="assistant", content=self.prefix + user.replace("<<script", "<<echoed")))
         return await super().chat(messages, tools, **kwargs)
 
 
 def echo_llm_factory(config: Any) -> EchoTaskTestPolicy:
-    return EchoTaskTestPolicy()
+    return EchoTaskTestPolicy(config.model)

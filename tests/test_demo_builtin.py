@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import json
+import shutil
 import socket
 import time
 from pathlib import Path
@@ -154,7 +155,8 @@ def test_cli_demo_and_eval_exit_2_on_a_missing_checkpoint(tmp_path, monkeypatch)
     monkeypatch.setenv("COLUMNS", "200")
     runner = CliRunner()
     missing = tmp_path / "no-ckpt"
-    for args in (["demo", "--checkpoint", str(missing)], ["eval", "widegeo", "--checkpoint", str(missing), "--n", "1"]):
+    for args in (["demo", "--checkpoint", str(missing)], ["eval", "widegeo", "--checkpoint", str(missing), "--n", "1"],
+                 ["eval", "widegeo", "--subagent-checkpoint", str(missing), "--n", "1"]):
         r = runner.invoke(app, args)
         assert r.exit_code == 2, r.output
         assert str(missing) in r.output and "python -m planner.sft" in r.output
@@ -225,17 +227,21 @@ def test_demo_serves_the_checkpoint_with_tp2_and_runs_both_jobs_through_the_serv
 
 
 def test_eval_runs_on_the_checkpoint_engine(ray_local, tiny_checkpoint, tmp_path) -> None:
+    # The single agent runs on a second engine (--subagent-checkpoint), as PARL's frozen sub-agents do.
+    frozen = tmp_path / "frozen-subagents"
+    shutil.copytree(tiny_checkpoint, frozen)
     out_path = tmp_path / "res.jsonl"
     out = io.StringIO()
     code = run_eval("widegeo", settings=no_endpoint(tmp_path), policy="single", n=1, max_rows=3, out=out_path,
                     console=Console(file=out, width=200), checkpoint=tiny_checkpoint, tp=1,
-                    engine_options=ENGINE_OPTIONS)
+                    engine_options=ENGINE_OPTIONS, subagent_checkpoint=frozen)
     assert code in (0, 1), out.getvalue()
     rows = [orjson.loads(line) for line in out_path.read_bytes().splitlines()]
     assert len(rows) == 1 and rows[0]["policy"] == "single" and rows[0]["state"] in ("succeeded", "failed")
     # The engine really generated (a random model writes noise, but it writes tokens).
     assert rows[0]["completion_tokens"] > 0 and rows[0]["prompt_tokens"] > 0, rows[0]
     assert "policy " + str(tiny_checkpoint.resolve()) in out.getvalue()
+    assert "sub-agents: policy " + str(frozen.resolve()) in out.getvalue()
     deadline = time.monotonic() + 30
     while engine_actors():
         assert time.monotonic() < deadline, engine_actors()

@@ -20,7 +20,7 @@ from swarm.events import (
     SubAgentStarted,
     ToolResult,
 )
-from swarm.plans import ForEach, JobSpec, JobState, Limits, SubAgentSpec, SwarmPlan, ToolsConfig
+from swarm.plans import ForEach, JobSpec, JobState, Limits, LLMConfig, SubAgentSpec, SwarmPlan, ToolsConfig
 from swarm.runtime import JobNotFound, SwarmRuntime
 from tests.scripted_policy import script_task
 from tests.runtime_test_tools import echo_llm_factory, touch_tool, wait_file_tool
@@ -155,6 +155,22 @@ async def test_llm_aggregate_is_one_orchestrator_step(runtime: SwarmRuntime) -> 
     assert "### Result of x\nx-says-hi" in result and "### Result of y\ny-says-yo" in result
     assert status.metrics.orchestrator_steps == 1
     assert status.metrics.critical_steps == 2 and status.metrics.total_steps == 3
+
+
+async def test_subagent_llm_serves_the_agents_and_llm_the_orchestrator(runtime: SwarmRuntime) -> None:
+    llms = {"llm": LLMConfig(model="orch"), "subagent_llm": LLMConfig(model="subs")}
+    echo = SwarmPlan(subagents=[SubAgentSpec(id="x", task=script_task({"echo_task": True}, prefix="agent x"))])
+    status = await runtime.run_job(JobSpec(plan=echo, **llms))
+    assert status.state == JobState.succeeded, status.error
+    assert "ECHO@subs:agent x" in (status.result or "")  # the agent: the sub-agents' model
+    merge = SwarmPlan(subagents=[SubAgentSpec(id="y", task=script_task({"answer": "y-says-yo"}))], aggregate="llm",
+                      aggregate_prompt=script_task({"echo_task": True}, prefix="merge"))
+    status = await runtime.run_job(JobSpec(plan=merge, **llms))
+    assert (status.result or "").startswith("ECHO@orch:merge")  # the aggregation call: the orchestrator's model
+    assert "y-says-yo" in (status.result or "")
+    # Without subagent_llm, the agents use llm too.
+    status = await runtime.run_job(JobSpec(plan=echo, llm=LLMConfig(model="orch")))
+    assert "ECHO@orch:agent x" in (status.result or "")
 
 
 async def test_invalid_plan_is_rejected_before_anything_starts(runtime: SwarmRuntime) -> None:
