@@ -431,14 +431,18 @@ def train(
     config: Path = typer.Argument(..., metavar="CONFIG", help="PARL config YAML (see examples/parl_*.yaml)"),
     resume: bool = typer.Option(False, "--resume", help="continue the run in the config's `out` directory"),
     address: Optional[str] = typer.Option(None, "--address", help="Ray cluster (default: a local one)"),
+    set_: Optional[list[str]] = typer.Option(
+        None, "--set", metavar="KEY=VALUE", help="override a config key, repeatable, e.g. an ablation: "
+        "--set lambda1=0 --set out=runs/parl-lambda1-0"),
 ) -> None:
     """Train the plan-mode orchestrator with PARL (docs/PARL.md): parallel swarm rollouts on Ray,
     group-relative advantages, clipped policy gradient, hot weight updates; metrics to OUT/metrics.jsonl."""
     from planner.parl import PARLConfigError, load_config
+    from planner.parl.config import parse_overrides
     from planner.parl.loop import run_training
 
     try:
-        cfg = load_config(config)
+        cfg = load_config(config, **parse_overrides(set_ or []))
         cfg.check_paths()
     except PARLConfigError as e:
         fail(str(e), EXIT_USAGE)

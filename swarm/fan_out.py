@@ -3,7 +3,7 @@ sub-agent returned.
 
 A plan is written before any sub-agent has run, so it cannot name the items of a list that a lister
 will find ("the countries of Africa"). A node with `for_each` says instead: when `source` finishes,
-split its answer into items, and run my task once per `chunk` items, all in parallel. Each copy sees
+split its answer into items (repeats dropped), and run my task once per `chunk` items, all in parallel. Each copy sees
 only its chunk (keeping the list's label), so every copy is short whatever the list's length; the
 node's result is the copies' results merged (markdown tables with one header become one table).
 
@@ -58,6 +58,20 @@ def list_items(text: str) -> tuple[str, list[str]]:
         parts = text.splitlines()
     items = [_BULLET_RE.sub("", p).strip().rstrip(".").strip() for p in parts]
     return label, [p for p in items if p]
+
+
+def distinct(items: list[str]) -> list[str]:
+    """The items without repeats (first occurrence kept; compared ignoring case and spacing). A small
+    model's lister can loop ("Laos; Lebanon; Laos; Lebanon; ..."): each repeat would be one more copy
+    doing the same work and one more duplicate row."""
+    seen: set[str] = set()
+    out = []
+    for item in items:
+        key = " ".join(item.split()).casefold()
+        if key not in seen:
+            seen.add(key)
+            out.append(item)
+    return out
 
 
 def chunk_text(label: str, items: list[str]) -> str:

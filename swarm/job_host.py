@@ -44,7 +44,7 @@ from swarm.events import (
     ToolCalled,
     _Event,
 )
-from swarm.fan_out import chunk_text, chunks, copy_spec, list_items, merge_results
+from swarm.fan_out import chunk_text, chunks, copy_spec, distinct, list_items, merge_results
 from swarm.llm import ChatMessage, ChatResult, LLMClient, LLMError
 from swarm.messages import AGGREGATOR_SYSTEM_PROMPT, aggregate_user_message, compose_task_message, concat_results
 from swarm.orchestrator import Orchestrator, SubAgentOutcome
@@ -528,7 +528,9 @@ class Job:
         node.state, node.children = "running", []
         self.emit(SubAgentStarted(agent_id=spec.id, worker="fan-out"))
         source = self._nodes[fe.source]
-        label, items = list_items(source.outcome.text if source.outcome else "")
+        label, listed = list_items(source.outcome.text if source.outcome else "")
+        items = distinct(listed)
+        repeats = f" (and {len(listed) - len(items)} repeated items, dropped)" if len(listed) > len(items) else ""
         if not items:
             return self._fail_node(node, 1, f"it fans out over {fe.source!r}, whose answer holds no list items")
         parts = chunks(items, fe.chunk)
@@ -536,7 +538,7 @@ class Job:
         if agents + len(parts) > self._limits.max_subagents:
             return self._fail_node(
                 node, 1,
-                f"its {len(items)} items in chunks of {fe.chunk} need {len(parts)} copies, which would make "
+                f"its {len(items)} items{repeats} in chunks of {fe.chunk} need {len(parts)} copies, which would make "
                 f"{agents + len(parts)} sub-agents, more than the limit max_subagents={self._limits.max_subagents}",
             )
         specs = [copy_spec(spec, k) for k in range(1, len(parts) + 1)]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from swarm.fan_out import chunk_text, chunks, copy_spec, list_items, merge_results
+from swarm.fan_out import chunk_text, chunks, copy_spec, distinct, list_items, merge_results
 from swarm.plans import ForEach, SubAgentSpec
 
 
@@ -17,6 +17,12 @@ def test_list_items_reads_labelled_semicolon_lists_lines_and_tables():
     assert list_items("   ") == ("", [])
     # a name with a colon later in the text is not a label when the label would hold the separator
     assert list_items("A; B: C") == ("", ["A", "B: C"])
+
+
+def test_distinct_drops_repeats_of_a_looping_list_keeping_the_first():
+    items = ["Laos", "Lebanon", "Vietnam", "laos", " Lebanon", "Viet  nam", "Viet Nam", "China"]
+    assert distinct(items) == ["Laos", "Lebanon", "Vietnam", "Viet  nam", "China"]
+    assert distinct([]) == []
 
 
 def test_chunks_keep_order_and_the_lists_own_form():

@@ -13,7 +13,8 @@ from typer.testing import CliRunner
 from dashboards.metrics import read_metrics
 from model_shards.checkpoint import read_config
 from model_shards.config import ModelConfig
-from planner.parl import load_config
+from planner.parl import PARLConfigError, load_config
+from planner.parl.config import parse_overrides
 from planner.parl.loop import LOOP_STATE_FILE, run_training
 from planner.parl.metrics import EPISODES_FILE
 from swarm.cli import app
@@ -105,3 +106,17 @@ def test_cli_train_rejects_bad_config(tmp_path: Path) -> None:
     missing.write_text(f"policy_checkpoint: {tmp_path / 'no-such-ckpt'}\nout: o\n")
     code, text = run(missing)
     assert code == 2 and "policy_checkpoint" in text and "config.json" in text
+
+
+def test_set_overrides_config_keys_and_names_bad_ones(tmp_path: Path) -> None:
+    base = tmp_path / "base.yaml"
+    base.write_text("policy_checkpoint: ck\nout: o\nlambda1: 0.3\n")
+    cfg = load_config(base, **parse_overrides(["lambda1=0", "anneal=none", "out=runs/x", "tensorboard=true"]))
+    assert (cfg.lambda1, cfg.anneal, cfg.out, cfg.tensorboard) == (0, "none", "runs/x", True)
+    for bad, words in ((["lambda1"], "KEY=VALUE"), (["=3"], "KEY=VALUE"), (["lambda1=[1"], "YAML")):
+        with pytest.raises(PARLConfigError, match=words):
+            parse_overrides(bad)
+    with pytest.raises(PARLConfigError, match=r"--set lamda1.*lamda1"):
+        load_config(base, **parse_overrides(["lamda1=0"]))  # a misspelt key is named, not ignored
+    r = CliRunner().invoke(app, ["train", str(base), "--set", "group_size=1"])
+    assert r.exit_code == 2 and "group_size" in r.output

@@ -296,6 +296,12 @@ async def test_a_fan_out_fails_clearly_on_an_empty_list_or_too_many_copies(runti
     status = await runtime.run_job(JobSpec(plan=plan("A; B; C; D; E", 1), limits=Limits(max_subagents=4)))
     assert status.state == JobState.failed
     assert "need 5 copies" in (status.error or "") and "max_subagents=4" in (status.error or "")
+    # A looping list fans out once per distinct item: 3 copies, within the limit.
+    status = await runtime.run_job(JobSpec(plan=plan("A; B; C; A; B; C; A", 1), limits=Limits(max_subagents=4)))
+    assert status.state == JobState.succeeded, status.error
+    assert status.metrics.subagents == 4  # the lister and 3 copies
+    status = await runtime.run_job(JobSpec(plan=plan("A; B; C; D; A; E", 1), limits=Limits(max_subagents=4)))
+    assert "5 items (and 1 repeated items, dropped)" in (status.error or "")
     with pytest.raises(PlanValidationError, match="not among its dependencies"):
         await runtime.run_job(JobSpec(plan=SwarmPlan(subagents=[
             SubAgentSpec(id="lister", task="t"),

@@ -101,6 +101,23 @@ def _format_errors(e: ValidationError) -> str:
     return "; ".join(f"field {'.'.join(map(str, err['loc'])) or '(root)'!r}: {err['msg']}" for err in e.errors())
 
 
+def parse_overrides(items: list[str]) -> dict[str, object]:
+    """`KEY=VALUE` strings (`swarm train --set`) as config overrides; VALUE is read as a YAML scalar
+    (`lambda1=0` is 0, `anneal=none` is "none", `tensorboard=true` is True). Raises PARLConfigError."""
+    import yaml
+
+    out: dict[str, object] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise PARLConfigError(f"--set takes KEY=VALUE (e.g. --set lambda1=0), got {item!r}")
+        try:
+            out[key.strip()] = yaml.safe_load(value) if value.strip() else ""
+        except yaml.YAMLError:
+            raise PARLConfigError(f"--set {item!r}: the value is not a YAML scalar") from None
+    return out
+
+
 def load_config(path: str | os.PathLike[str], **overrides: object) -> PARLConfig:
     """Read a YAML config; `overrides` replace top-level keys (e.g. out=...). Raises PARLConfigError."""
     p = Path(path)
@@ -112,4 +129,5 @@ def load_config(path: str | os.PathLike[str], **overrides: object) -> PARLConfig
     try:
         return PARLConfig.model_validate(raw)
     except ValidationError as e:
-        raise PARLConfigError(f"config file {str(p)!r}: {_format_errors(e)}") from None
+        where = f" with --set {', '.join(sorted(overrides))}" if overrides else ""
+        raise PARLConfigError(f"config file {str(p)!r}{where}: {_format_errors(e)}") from None
