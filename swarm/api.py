@@ -24,7 +24,7 @@ import swarm
 from swarm.config import Settings
 from swarm.dag import PlanValidationError
 from swarm.events import JobSubmitted, _Event
-from swarm.plans import JobSpec, JobState, JobStatus
+from swarm.plans import JobSpec, JobState, JobStatus, redact_llm_keys
 from swarm.service import JobAlreadyFinishedError, JobNotFoundError, JobService
 
 if TYPE_CHECKING:
@@ -113,10 +113,7 @@ async def _read_body(request: Request, limit: int) -> bytes | JSONBody:
 def _sse(ev: _Event) -> bytes:
     data = ev.model_dump(mode="json")
     if isinstance(ev, JobSubmitted):
-        for key in ("llm", "subagent_llm"):
-            llm = data.get("spec", {}).get(key)
-            if isinstance(llm, dict) and llm.get("api_key"):
-                llm["api_key"] = "***"  # a secret never leaves the server in an event stream
+        redact_llm_keys(data.get("spec", {}))  # a secret never leaves the server in an event stream
     return b"id: %d\nevent: %s\ndata: %s\n\n" % (ev.seq, ev.type.encode(), orjson.dumps(data))
 
 

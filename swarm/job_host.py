@@ -49,7 +49,7 @@ from swarm.llm import ChatMessage, ChatResult, LLMClient, LLMError
 from swarm.messages import AGGREGATOR_SYSTEM_PROMPT, aggregate_user_message, compose_task_message, concat_results
 from swarm.orchestrator import Orchestrator, SubAgentOutcome
 from swarm.plan_writer import DEFAULT_MAX_REPAIRS, PlanRepairError, load_plan_format, write_plan
-from swarm.plans import JobMetrics, JobSpec, JobState, LLMConfig, SubAgentSpec, SwarmPlan, ToolsConfig
+from swarm.plans import JobMetrics, JobSpec, JobState, LLMConfig, SubAgentSpec, SwarmPlan, ToolsConfig, redact_llm_keys
 from swarm.worker_pool import JobContext, SubAgentRun, SubAgentRunResult, WorkerPool
 from workers.tools.registry import ToolRegistry
 
@@ -106,11 +106,7 @@ class _Node:
 
 def redacted_spec(spec: JobSpec) -> dict[str, Any]:
     """The spec as JobSubmitted carries it: events are stored and served, so no API key in them."""
-    data = spec.model_dump(mode="json")
-    for key in ("llm", "subagent_llm"):
-        if (data.get(key) or {}).get("api_key"):
-            data[key]["api_key"] = "***"
-    return data
+    return redact_llm_keys(spec.model_dump(mode="json"))
 
 
 def _error_text(err: BaseException) -> str:

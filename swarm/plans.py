@@ -177,6 +177,16 @@ class JobSpec(WireModel):
         return self.subagent_llm or self.llm
 
 
+def redact_llm_keys(spec: dict[str, Any]) -> dict[str, Any]:
+    """Mask the API keys of a dumped JobSpec's model configs (in place; returned for chaining):
+    events are stored and served, so no secret goes into them."""
+    for key in ("llm", "subagent_llm"):
+        llm = spec.get(key)
+        if isinstance(llm, dict) and llm.get("api_key"):
+            llm["api_key"] = "***"
+    return spec
+
+
 class JobState(str, enum.Enum):
     queued = "queued"
     running = "running"
