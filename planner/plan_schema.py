@@ -1,8 +1,11 @@
 """The compact plan the policy writes in plan mode, its JSON schema (for the engine's structured
 decoding) and its conversion to `swarm.plans.SwarmPlan`.
 
-Compact form (positional): {"agents": [{"name", "task", "depends_on"}], "aggregate": "concat"|"llm",
-"aggregate_prompt"?}. Agents are numbered 1, 2, 3 ... in list order; `depends_on` lists the numbers
+Compact form (positional): {"agents": [{"name", "task", "depends_on", "for_each"?, "keep"?}],
+"aggregate": "concat"|"llm", "aggregate_prompt"?}; `keep` "COLUMN OP VALUE" is a row filter of the
+agent's table (swarm.row_filter). A range fan-out (SwarmPlan's for_range) is not in this form: its
+validity (end >= start, {start}/{end} in the task, copies within max_subagents) is beyond a grammar,
+and every text the grammar admits must be a valid plan. Agents are numbered 1, 2, 3 ... in list order; `depends_on` lists the numbers
 of EARLIER agents, so every plan is acyclic and has no unknown dependency by construction. The
 sub-agent id is "<name>-<number>" (unique even when names repeat). The policy does not repeat the
 system prompt and tools of every sub-agent; `parse_plan` fills them in, then checks the DAG with
@@ -21,12 +24,13 @@ import re
 from collections.abc import Collection
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from planner.prompts import PLAN_MODE_PROMPT, SUBAGENT_SYSTEM_PROMPT
 from swarm.dag import PlanValidationError, validate_plan
 from swarm.plan_writer import PlanFormat
 from swarm.plans import MAX_SUBAGENTS, SUBAGENT_MAX_STEPS, ForEach, Limits, SubAgentSpec, SwarmPlan
+from swarm.row_filter import NUMERIC_OPS, OP_WORDS, RowFilter
 
 # A name becomes the id "<name>-<k>" (k <= 10_000 fits SubAgentSpec's 64-character id).
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,39}$"
@@ -36,6 +40,21 @@ _CHAR = r'[^"\\\x00-\x1f]'
 MAX_TASK_CHARS = 1000
 MAX_AGGREGATE_PROMPT_CHARS = 1000
 MAX_CHUNK = 50  # items per copy of a fan-out agent (for_each)
+MAX_KEEP_CHARS = 100
+
+
+def _keep_pattern() -> str:
+    """The `keep` phrases the grammar admits, all of which RowFilter reads: a one-word column ('_' for
+    spaces), one operator, and a number after a comparison or a text after the others."""
+    def alt(words: list[str]) -> str:  # letters, spaces and <>=!: nothing to escape in a regex
+        assert all(re.fullmatch(r"[a-z <>=!]+", w) for w in words), words
+        return "|".join(sorted(words, key=len, reverse=True))
+
+    numeric = [w for w, op in OP_WORDS.items() if op in NUMERIC_OPS]
+    text = [w for w, op in OP_WORDS.items() if op not in NUMERIC_OPS]
+    number = r"-?[0-9][0-9,]{0,20}(\.[0-9]{1,6})?"
+    value = r'[^"\\\x00-\x1f ][^"\\\x00-\x1f]{0,59}'
+    return rf"^[A-Za-z][A-Za-z0-9_]{{0,39}} (({alt(numeric)}) {number}|({alt(text)}) {value})$"
 DEFAULT_TOOLS: tuple[str, ...] = ("search",)
 _GRAMMAR_TEXT_RE = re.compile(r'^[^"\\\x00-\x1f]*$')
 
@@ -55,6 +74,17 @@ class CompactAgent(BaseModel):
     for_each: int = Field(
         0, ge=0, le=MAX_CHUNK, description="0: one agent; N: one copy per N items of its first dependency's list"
     )
+    # "COLUMN OP VALUE" in words the task itself uses ("population more than 5,000,000", "languages
+    # have English"): the policy copies the phrase, where a bare value has no words before it to
+    # copy after (swarm.row_filter.RowFilter reads it).
+    keep: str | None = Field(None, description="keep only the rows of its table that pass: 'COLUMN OP VALUE'")
+
+    @field_validator("keep")
+    @classmethod
+    def _keep_reads(cls, v: str | None) -> str | None:
+        if v is not None:
+            RowFilter.model_validate(v)  # raises naming what is wrong
+        return v
 
 
 def agent_id(name: str, number: int) -> str:
@@ -98,7 +128,8 @@ class CompactPlan(BaseModel):
                 SubAgentSpec(id=ids[k], name=a.name, system_prompt=system_prompt, task=a.task, tools=list(tools),
                              # a repeated number is harmless: keep each dependency once
                              depends_on=[ids[d - 1] for d in dict.fromkeys(a.depends_on)], max_steps=max_steps,
-                             for_each=ForEach(source=ids[a.depends_on[0] - 1], chunk=a.for_each) if a.for_each else None)
+                             for_each=ForEach(source=ids[a.depends_on[0] - 1], chunk=a.for_each) if a.for_each else None,
+                             keep_rows=RowFilter.model_validate(a.keep) if a.keep else None)
                 for k, a in enumerate(self.agents)
             ],
             aggregate=self.aggregate,
@@ -122,18 +153,20 @@ def plan_json_schema(max_agents: int = MAX_SUBAGENTS, max_task_chars: int = MAX_
 
     def agent(k: int) -> dict[str, Any]:
         name_task = {"name": {"$ref": "#/$defs/name"}, "task": {"$ref": "#/$defs/task"}}
+        keep = {"keep": {"$ref": "#/$defs/keep"}}  # optional, last: the row filter of the agent's table
         if k == 1:
-            return {"type": "object", "properties": {**name_task, "depends_on": {"type": "array", "maxItems": 0}},
+            return {"type": "object",
+                    "properties": {**name_task, "depends_on": {"type": "array", "maxItems": 0}, **keep},
                     "required": ["name", "task", "depends_on"], "additionalProperties": False}
         ids = {"type": "integer", "enum": list(range(1, k))}
         plain = {"type": "object",
-                 "properties": {**name_task, "depends_on": {"type": "array", "items": ids, "maxItems": k - 1}},
+                 "properties": {**name_task, "depends_on": {"type": "array", "items": ids, "maxItems": k - 1}, **keep},
                  "required": ["name", "task", "depends_on"], "additionalProperties": False}
         # A fan-out agent must have a dependency to split: its own branch, so the grammar admits no other.
         fan_out = {"type": "object",
                    "properties": {**name_task,
                                   "depends_on": {"type": "array", "items": ids, "minItems": 1, "maxItems": k - 1},
-                                  "for_each": {"$ref": "#/$defs/for_each"}},
+                                  "for_each": {"$ref": "#/$defs/for_each"}, **keep},
                    "required": ["name", "task", "depends_on", "for_each"], "additionalProperties": False}
         return {"anyOf": [plain, fan_out]}
 
@@ -157,6 +190,7 @@ def plan_json_schema(max_agents: int = MAX_SUBAGENTS, max_task_chars: int = MAX_
             "task": _text_schema(1, max_task_chars),
             "aggregate_prompt": _text_schema(0, max_aggregate_prompt_chars),
             "for_each": {"type": "integer", "minimum": 1, "maximum": MAX_CHUNK},
+            "keep": {"type": "string", "pattern": _keep_pattern()},
         },
     }
 
@@ -169,6 +203,8 @@ def compact_plan_json(plan: CompactPlan) -> str:
     for k, a in enumerate(plan.agents, start=1):
         if not _GRAMMAR_TEXT_RE.match(a.task) or len(a.task) > MAX_TASK_CHARS:
             problems.append(f"agent {k} ({a.name!r}): task has '\"', '\\\\' or control characters, or is over {MAX_TASK_CHARS} characters")
+        if a.keep is not None and (not _GRAMMAR_TEXT_RE.match(a.keep) or len(a.keep) > MAX_KEEP_CHARS):
+            problems.append(f"agent {k} ({a.name!r}): keep has '\"', '\\\\' or control characters, or is too long")
     if not _GRAMMAR_TEXT_RE.match(plan.aggregate_prompt) or len(plan.aggregate_prompt) > MAX_AGGREGATE_PROMPT_CHARS:
         problems.append("aggregate_prompt has '\"', '\\\\' or control characters, or is too long")
     if problems:
@@ -179,6 +215,8 @@ def compact_plan_json(plan: CompactPlan) -> str:
     for a in data["agents"]:
         if not a["for_each"]:
             del a["for_each"]
+        if a["keep"] is None:
+            del a["keep"]
     return json.dumps(data, ensure_ascii=False, separators=(", ", ": "))
 
 

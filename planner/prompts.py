@@ -15,12 +15,12 @@ SUBAGENT_SYSTEM_PROMPT = (
 PLAN_MODE_PROMPT = (
     "You plan work for sub-agents that search a document collection. Reply with only a JSON plan: "
     '{"agents": [{"name": ..., "task": ..., "depends_on": [...]}], "aggregate": "concat" or "llm"}. '
-    "Agents are numbered 1, 2, 3 in list order. Each task must be complete on its own; a task that "
-    "needs the results of earlier agents lists their numbers in depends_on and receives those results. An agent with "
-    '"for_each": N runs once per N items of the list its first dependency returned, all in parallel, '
-    "each copy receiving only its N items. Write no double quotes or line breaks inside texts. With \"concat\" the "
-    "final answer is the agents' results joined; with \"llm\" a last step merges them, following "
-    "aggregate_prompt if given."
+    "Agents are numbered 1, 2, 3; depends_on lists the earlier agents whose results a task receives. "
+    "Each task must be complete on its own. Optional per agent: "
+    '"for_each": N runs a copy per N items of the list its first dependency returned; '
+        '"keep": "COLUMN OP VALUE" drops the rows of its table that fail that condition. '
+    "Copies run in parallel. No double quotes or line breaks inside "
+    'texts. "concat" joins the results; "llm" merges them in a last step, following aggregate_prompt if given.'
 )
 
 # The aggregation step of a plan with aggregate == "llm" (swarm.job_host adds its own system prompt).

@@ -29,7 +29,7 @@ from typing import Any, Iterator, Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from model_shards.checkpoint import load_checkpoint, save_checkpoint
 from model_shards.config import ModelConfig
@@ -68,6 +68,10 @@ class SFTConfig(BaseModel):
     eval_tasks: int = Field(40, ge=0)
     data_seed: int = 0
     kinds: list[str] = Field(default_factory=lambda: list(KINDS))
+    # Each training example of these kinds appears N times per epoch: plan conversations are ~7 % of
+    # the examples and ~3 % of the target tokens, so a new plan form is otherwise seen a few hundred
+    # times in a few hundred steps. Does not change the data file, only how often an example is drawn.
+    repeat: dict[str, int] = Field(default_factory=dict)
     eval_every: int = Field(100, ge=1)
     save_every: int = Field(500, ge=1)
     tokenizer: str = Field("byte:512", description='"byte:VOCAB", a tokenizer directory, or "bpe:MERGES" '
@@ -113,6 +117,14 @@ class SFTConfig(BaseModel):
     # Where the encoded data is kept (default OUT/data.xz): built once, reused by any run whose
     # recipe gives the same data (planner.sft_data), e.g. built here and carried to a GPU machine.
     data_file: str | None = None
+
+    @field_validator("repeat")
+    @classmethod
+    def _repeat_kinds(cls, v: dict[str, int]) -> dict[str, int]:
+        bad = [f"{k}={n}" for k, n in v.items() if k not in KINDS or n < 1]
+        if bad:
+            raise ValueError(f"repeat {bad}: kinds must be among {list(KINDS)} and counts >= 1")
+        return v
 
 
 @dataclass
@@ -219,6 +231,11 @@ def make_batches(examples: list[EncodedExample], batch_tokens: int, seed: int, e
         batches.append(cur)
     rng.shuffle(batches)
     return batches
+
+
+def repeated(examples: list[EncodedExample], repeat: dict[str, int]) -> list[EncodedExample]:
+    """`examples` with each one of a kind in `repeat` present that many times (the rest once)."""
+    return [e for e in examples for _ in range(repeat.get(e.kind, 1))]
 
 
 def batch_stream(examples: list[EncodedExample], batch_tokens: int, seed: int) -> Iterator[list[EncodedExample]]:
@@ -408,6 +425,8 @@ def _argv_of(cfg: SFTConfig) -> list[str]:
         flag = "--" + k.replace("_", "-")
         if isinstance(v, bool):
             out += [flag] if v else []
+        elif isinstance(v, dict):
+            out += [flag, *(f"{k}={n}" for k, n in v.items())] if v else []
         else:
             out += [flag, *map(str, v)] if isinstance(v, list) else [flag, str(v)]
     return out
@@ -511,11 +530,13 @@ def train(cfg: SFTConfig, resume: bool = False, data: SFTData | None = None, sto
     elif log_path.exists():
         log_path.unlink()
     pad_id = tok.pad_id if tok.pad_id is not None else 0
-    stream = batch_stream(data.train, cfg.batch_tokens, cfg.seed)
+    drawn = repeated(data.train, cfg.repeat)
+    stream = batch_stream(drawn, cfg.batch_tokens, cfg.seed)
     for _ in range(step):  # the data order is a function of the step: skip what was trained
         next(stream)
     if step == 0:
-        _log(log_path, {"event": "start", "examples": len(data.train), "eval_examples": len(data.eval),
+        _log(log_path, {"event": "start", "examples": len(data.train), "drawn_per_epoch": len(drawn),
+                        "eval_examples": len(data.eval),
                         "params": sum(p.numel() for p in model.parameters()), "data": data.report})
     first_loss = last_loss = float("nan")
     eval_losses: list[tuple[int, float]] = []
@@ -600,6 +621,8 @@ def _parse(argv: list[str] | None) -> tuple[SFTConfig, bool, int | None, bool]:
     p.add_argument("--eval-tasks", type=int, default=40)
     p.add_argument("--data-seed", type=int, default=0)
     p.add_argument("--kinds", nargs="+", default=list(KINDS), choices=list(KINDS))
+    p.add_argument("--repeat", nargs="*", default=[], metavar="KIND=N",
+                   help="draw each training example of KIND N times per epoch (e.g. orchestrator_plan=4)")
     p.add_argument("--eval-every", type=int, default=100)
     p.add_argument("--save-every", type=int, default=500)
     p.add_argument("--tokenizer", default="byte:512", help='"byte:VOCAB", a tokenizer dir, or "bpe:MERGES" (trained on the traces)')
@@ -630,10 +653,21 @@ def _parse(argv: list[str] | None) -> tuple[SFTConfig, bool, int | None, bool]:
     p.add_argument("--stop-after", type=int, default=None,
                    help="end at this step (saved and resumable; the lr schedule still runs to --steps)")
     a = vars(p.parse_args(argv))
+    a["repeat"] = _parse_repeat(p, a["repeat"])
     build_only = a.pop("build_data_only")
     resume = a.pop("resume")
     stop_after = a.pop("stop_after")
     return SFTConfig(**a), resume, stop_after, build_only
+
+
+def _parse_repeat(p: argparse.ArgumentParser, items: list[str]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for item in items:
+        kind, _, n = item.partition("=")
+        if kind not in KINDS or not n.isdigit() or int(n) < 1:
+            p.error(f"--repeat {item!r}: expected KIND=N with KIND one of {', '.join(KINDS)} and N >= 1")
+        out[kind] = int(n)
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -43,6 +43,7 @@ from swarm.fan_out import chunk_text, chunks, copy_spec, list_items as fan_out_i
 from swarm.messages import compose_task_message, concat_results
 from swarm.orchestrator import ASSIGN_TASK, CREATE_SUBAGENT, orchestrator_system_prompt, orchestrator_tools
 from swarm.plans import JobSpec
+from swarm.row_filter import filter_answer
 from workers.tools.search import CorpusIndex, SearchArgs, build_index, format_hits, make_search_tool
 from model_shards.chat_template import render_segments
 
@@ -51,15 +52,17 @@ KINDS: tuple[str, ...] = ("subagent", "orchestrator_tools", "orchestrator_plan",
 AGENT_NAME = "geo_researcher"
 # Bumped whenever the traces built from the same tasks change (their form, or the search ranking they
 # show): encoded data files are keyed by it, so a stale file is rebuilt, not reused.
-TRACE_VERSION = 4
+TRACE_VERSION = 5
 LOOKUP_CHUNK = 3  # entities per lookup sub-agent: each lookup shows ~600 characters of results
 # City ranks per sub-agent. Not a multiple of the 15-city list documents, so most sub-agents stop (and
 # start) inside a document, at the rank their task names; with 30, two in three stopped at a
 # document's end, and the policy learnt to copy documents to their end.
 CITY_CHUNK = 10
-# A language filter keeps no country in two chunks of three out of three; a policy trained on that
-# answers every chunk with an empty table. Sub-agent conversations of language chunks that keep no
-# country are kept only one time in EMPTY_KEEP_EVERY (chosen by a hash, so the data is reproducible).
+# A language filter keeps no country in two chunks of three out of three. Sub-agent conversations of
+# language chunks that keep no country are kept only one time in EMPTY_KEEP_EVERY (chosen by a hash,
+# so the data is reproducible): up to version 4 the policy learnt to answer every chunk with an empty
+# table; since version 5 the copies write every row (the plan's keep filter drops rows), and thinning
+# keeps language lookups from crowding out the rest.
 EMPTY_KEEP_EVERY = 4
 ATTR_WORDS = {"capital": "capital", "population": "population", "area_km2": "area",
               "currency": "currency", "continent": "continent", "languages": "languages"}
@@ -207,25 +210,23 @@ def lookup_queries(name: str, words: str, spaced: bool = False) -> list[str]:
     return [f"{words} of {name}", f"about {name}"] if spaced else [f"{name} {words}", name]
 
 
-def lookup_task_text(names: list[str], attrs: list[str], filter_note: str = "") -> str:
+def lookup_task_text(names: list[str], attrs: list[str]) -> str:
     cols = ["country", *attrs]
     return (f"Look up these countries: {'; '.join(names)}. For each give {_listing([ATTR_TEXT[a] for a in attrs])}."
-            f"{filter_note} Answer with a markdown table whose columns are: {', '.join(cols)}.")
+            f" Answer with a markdown table whose columns are: {', '.join(cols)}.")
 
 
-def run_lookup(index: CorpusIndex, countries: list[Country], attrs: list[str],
-               keep: list[Country] | None = None, filter_note: str = "", task_text: str | None = None,
-               spaced: bool = False, columns: list[str] | None = None) -> tuple[list[dict], str]:
-    """Searches one country document per entity (all in one parallel step); the table keeps `keep`
-    rows with `columns` (default: country and `attrs`)."""
-    run = _SubAgentRun(index, task_text or lookup_task_text([c.name for c in countries], attrs, filter_note))
+def run_lookup(index: CorpusIndex, countries: list[Country], attrs: list[str], task_text: str | None = None,
+               spaced: bool = False) -> tuple[list[dict], str]:
+    """Searches one country document per entity (all in one parallel step); the table has a row per
+    entity with the country and `attrs`."""
+    run = _SubAgentRun(index, task_text or lookup_task_text([c.name for c in countries], attrs))
     words = " ".join(ATTR_WORDS[a] for a in attrs)
     searches = [_find_doc(index, f"country:{c.iso}", lookup_queries(c.name, words, spaced)) for c in countries]
     run.step(searches)
-    rows = keep if keep is not None else countries
-    cols = columns or ["country", *attrs]
-    needed = [_cell(_country_value(c, col)) for c in countries for col in ["country", *attrs]]
-    table = markdown_table(cols, [[_country_value(c, col) for col in cols] for c in rows])
+    cols = ["country", *attrs]
+    needed = [_cell(_country_value(c, col)) for c in countries for col in cols]
+    table = markdown_table(cols, [[_country_value(c, col) for col in cols] for c in countries])
     return run.messages, run.answer(table, needed)
 
 
@@ -314,14 +315,14 @@ class TraceBuilder:
         self.spaced = spaced_names
 
     # ---- stage builders --------------------------------------------------------------------
-    def _lookups(self, countries: list[Country], attrs: list[str], prefix: str, keep_fn=None,
-                 filter_note: str = "") -> list[_SubTask]:
+    def _lookups(self, countries: list[Country], attrs: list[str], prefix: str) -> list[_SubTask]:
+        """The tool form's lookup sub-agents: LOOKUP_CHUNK countries each, every row written (the
+        orchestrator filters when it writes the final table)."""
         out = []
         for i in range(0, len(countries), LOOKUP_CHUNK):
             chunk = countries[i : i + LOOKUP_CHUNK]
-            keep = [c for c in chunk if keep_fn(c)] if keep_fn else None
-            text = lookup_task_text([c.name for c in chunk], attrs, filter_note)
-            msgs, ans = run_lookup(self.index, chunk, attrs, keep, filter_note, text, self.spaced)
+            text = lookup_task_text([c.name for c in chunk], attrs)
+            msgs, ans = run_lookup(self.index, chunk, attrs, text, self.spaced)
             out.append(_SubTask(f"{prefix}-{len(out) + 1}", text, msgs, ans))
         return out
 
@@ -356,21 +357,23 @@ class TraceBuilder:
             return text, msgs, ans, _in_order(members, order)
         raise TraceError(f"task {task.id}: template {t!r} has no listing subtask")
 
-    def _filter(self, task: Task) -> tuple[list[str], Any, str]:
-        """(lookup attributes, row filter, filter note) of a listing template."""
+    def _filter(self, task: Task) -> tuple[list[str], Any, str | None]:
+        """(lookup attributes, row predicate, the plan's keep filter) of a listing template. The filter
+        is written in the task's own words ("... of more than 5,000,000", "have English among ..."),
+        so the policy copies the value after the word that precedes it in the task: teacher-forced,
+        stage 17 wrote bare values' first token from memory ("5" for every threshold)."""
         p = task.meta["params"]
         attrs = [c for c in task.columns if c != "country"]
         t = task.meta["template"]
         if t == "continent_countries":
             lookup = attrs if "population" in attrs else ["population", *attrs]
             thr = p["min_population"]
-            return lookup, (lambda c: c.population > thr), f" Keep only those with a population of more than {format_int(thr)}."
+            return lookup, (lambda c: c.population > thr), f"population more than {format_int(thr)}"
         if t == "language_countries":
             code = p["language"]
             lang = LANGUAGE_NAMES[code]
-            return (["languages", *attrs], (lambda c: code in c.languages),
-                    f" Keep only those that have {lang} among their languages.")
-        return attrs, None, ""
+            return ["languages", *attrs], (lambda c: code in c.languages), f"languages have {lang}"
+        return attrs, None, None
 
     # ---- one task ----------------------------------------------------------------------------
     def build(self, task: Task, allow_test: bool = False) -> TaskTrace:
@@ -410,7 +413,9 @@ class TraceBuilder:
         orch = self._tool_form(task, [subs], final)
         # The sub-agents' tables are the answer as they stand (concat): the scorer reads every table
         # whose header names the key column, and an aggregation step that rewrote 120 rows was where
-        # the large tasks were lost (trace version 3).
+        # the large tasks were lost (trace version 3). One agent per range, written out: a range agent
+        # (for_range) would need n copied into a number with no words before it, which the policy
+        # does not do (docs/policy.md, Session 12).
         plan = CompactPlan(agents=[CompactAgent(name="cities", task=s.task) for s in subs], aggregate="concat")
         convs = [Conversation("subagent", task.id, "top_cities", s.messages, self.search_tools) for s in subs]
         convs.append(orch)
@@ -421,7 +426,7 @@ class TraceBuilder:
     def _build_listing(self, task: Task) -> TaskTrace:
         t = task.meta["template"]
         list_text, list_msgs, list_ans, entities = self._lister(task)
-        lookup_attrs, keep_fn, note = self._filter(task)
+        lookup_attrs, keep_fn, keep = self._filter(task)
         lister = _SubTask(f"{AGENT_NAME}-1", list_text, list_msgs, list_ans)
         # Tool form: the orchestrator reads the list, then splits the lookups in chunks of 3.
         lookups = self._lookups(entities, lookup_attrs, AGENT_NAME)
@@ -433,35 +438,37 @@ class TraceBuilder:
             raise TraceError(f"task {task.id}: the oracle's rows differ from the gold rows")
         final = markdown_table(task.columns, [[_country_value(c, col) for col in task.columns] for c in rows])
         orch = self._tool_form(task, [[lister], lookups], final)
-        # Plan form: lister -> one filler that depends on it (serial; a PARL trainer may widen it).
-        attrs = [c for c in task.columns if c != "country"]
-        filler_text = (f"For each country in the list you receive, give {_listing([ATTR_TEXT[a] for a in attrs])}."
-                       f"{note} Answer with a markdown table whose columns are: {', '.join(task.columns)}.")
         # Plan form: lister -> a fan-out filler, one copy per LOOKUP_CHUNK listed countries, each
-        # seeing only its chunk of the list (swarm.fan_out renders it exactly so at run time).
+        # seeing only its chunk of the list (swarm.fan_out renders it exactly so at run time). The
+        # copies write every row with the column the task's condition reads; the plan's `keep` filter
+        # (swarm.row_filter, applied by the runtime to each copy's table) drops the rows that fail it,
+        # since a small model copies rows well and decides them badly (trace version 5).
+        filler_text = (f"For each country in the list you receive, give {_listing([ATTR_TEXT[a] for a in lookup_attrs])}."
+                       f" Answer with a markdown table whose columns are: {', '.join(['country', *lookup_attrs])}.")
         plan = CompactPlan(agents=[CompactAgent(name="lister", task=list_text),
-                                   CompactAgent(name="filler", task=filler_text, depends_on=[1], for_each=LOOKUP_CHUNK)],
+                                   CompactAgent(name="filler", task=filler_text, depends_on=[1], for_each=LOOKUP_CHUNK,
+                                                keep=keep)],
                            aggregate="concat")
         lister_spec, filler_spec = plan.to_swarm_plan().subagents
         label, items = fan_out_items(list_ans)
         if items != [c.name for c in entities]:
             raise TraceError(f"task {task.id}: the lister's answer does not split into its countries")
+        parts = chunks(entities, LOOKUP_CHUNK)
         copies = []
-        for k, part in enumerate(chunks(entities, LOOKUP_CHUNK), start=1):
+        for k, part in enumerate(parts, start=1):
             user = compose_task_message(filler_text, [(lister_spec, chunk_text(label, [c.name for c in part]))])
-            keep = [c for c in part if keep_fn(c)] if keep_fn else part
-            # The filler states only the task's columns.
-            f_msgs, f_ans = run_lookup(self.index, part, lookup_attrs, keep, note, user, self.spaced,
-                                       columns=task.columns)
+            f_msgs, f_ans = run_lookup(self.index, part, lookup_attrs, user, self.spaced)
             copies.append((copy_spec(filler_spec, k), f_msgs, f_ans))
-        chunk_convs = [(s.id, s.messages, s.answer) for s in lookups] + [(spec.id, msgs, ans) for spec, msgs, ans in copies]
-        kept = [msgs for key, msgs, ans in chunk_convs
-                if t != "language_countries" or fan_out_items(ans)[1] or _keep_empty(task.id, key)]
+        # (id, messages, the chunk's countries): the tool form's lookups, then the plan form's copies
+        chunk_convs = [(s.id, s.messages, part) for s, part in zip(lookups, parts)]
+        chunk_convs += [(spec.id, msgs, part) for (spec, msgs, _), part in zip(copies, parts)]
+        kept = [msgs for key, msgs, part in chunk_convs
+                if t != "language_countries" or any(keep_fn(c) for c in part) or _keep_empty(task.id, key)]
         convs = [Conversation("subagent", task.id, t, lister.messages, self.search_tools)]
         convs += [Conversation("subagent", task.id, t, msgs, self.search_tools) for msgs in kept]
         convs.append(orch)
         convs.append(self._plan_conv(task, plan))
-        merged = merge_results([(spec, ans) for spec, _, ans in copies])
+        merged = merge_results([(spec, filter_answer(filler_spec.keep_rows, ans)[0]) for spec, _, ans in copies])
         plan_answer = concat_results([(lister_spec, list_ans), (filler_spec, merged)])
         return TaskTrace(task, convs, final, plan, plan_answer, balanced_out=len(chunk_convs) - len(kept))
 

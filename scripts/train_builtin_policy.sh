@@ -118,7 +118,14 @@ sft_stage "$W/cpu-d" 450 --steps 450 --lr 3e-4 --warmup 10 --train-tasks 600 --d
 #    where stage 13's schedule ended: at 2e-4 the same data cost a third of the held-out score.
 sft_stage "$W/cpu-e" 200 --steps 200 --lr 6e-5 --warmup 10 --train-tasks 600 --data-seed 9 --fake-entity-copies 2 \
     --batch-tokens 12288 --eval-every 100 --save-every 20 --init-from "$W/cpu-d" "${S[@]}" --fake-names places+countries
-LAST="$W/cpu-e"
+
+# 17. Trace version 5: the plan states a listing task's condition as a row filter in the task's words
+#    ("keep": "population more than 5,000,000"), applied by the runtime; the fillers write every row.
+#    Plan conversations drawn 10x (--repeat), since they are ~3 % of the target tokens.
+sft_stage "$W/cpu-f" 300 --steps 300 --lr 6e-5 --warmup 10 --train-tasks 600 --data-seed 10 --fake-entity-copies 2 \
+    --batch-tokens 12288 --eval-every 100 --save-every 20 --init-from "$W/cpu-e" "${S[@]}" --fake-names places+countries \
+    --repeat orchestrator_plan=10
+LAST="$W/cpu-f"
 
 # Ship: the checkpoint, its tokenizer, policy.json (the last stage's command and config) and every
 # stage's log; not train_state.pt (optimizer state, 5x the weights).
@@ -139,4 +146,5 @@ cp "$W/cpu-a/train_log.jsonl" "$DEST/logs/8-cpu-a_train_log.jsonl"
 cp "$W/cpu-b/train_log.jsonl" "$DEST/logs/9-cpu-b_train_log.jsonl"
 cp "$W/cpu-c/train_log.jsonl" "$DEST/logs/11-cpu-c_train_log.jsonl"
 cp "$W/cpu-d/train_log.jsonl" "$DEST/logs/13-cpu-d_train_log.jsonl"
+cp "$W/cpu-e/train_log.jsonl" "$DEST/logs/16-cpu-e_train_log.jsonl"
 echo "policy: $LAST, shipped to $DEST"

@@ -11,6 +11,7 @@ from collections.abc import Collection, Mapping
 
 import networkx as nx
 
+from swarm.fan_out import range_windows
 from swarm.plans import Limits, SubAgentSpec, SwarmPlan
 
 
@@ -39,6 +40,19 @@ def _spec_problems(spec: SubAgentSpec, limits: Limits, known_tools: Collection[s
             f"agent {spec.id!r} asks for max_steps={spec.max_steps}, above the limit "
             f"subagent_max_steps={limits.subagent_max_steps}"
         )
+    return problems
+
+
+def _range_problems(spec: SubAgentSpec) -> list[str]:
+    """A range fan-out must say where each copy's window goes, and cannot also split a list."""
+    if spec.for_range is None:
+        return []
+    problems = []
+    if spec.for_each is not None:
+        problems.append(f"agent {spec.id!r} has both for_each and for_range; a node fans out one way")
+    if "{start}" not in spec.task and "{end}" not in spec.task:
+        problems.append(f"agent {spec.id!r} has for_range, but its task names neither {{start}} nor {{end}}, "
+                        "so every copy would do the same work")
     return problems
 
 
@@ -73,8 +87,15 @@ def validate_plan(plan: SwarmPlan, limits: Limits, known_tools: Collection[str])
     specs = plan.subagents
     if not specs:
         raise PlanValidationError(["the plan has no sub-agents"])
-    if len(specs) > limits.max_subagents:
-        problems.append(f"the plan has {len(specs)} sub-agents, more than the limit max_subagents={limits.max_subagents}")
+    # A range fan-out's copies are known before anything runs (a list fan-out's only once its list is in).
+    # (the range node itself runs no agent, as the runtime counts it)
+    ranged = [s for s in specs if s.for_range is not None]
+    copies = sum(len(range_windows(s.for_range)) for s in ranged)
+    total = len(specs) - len(ranged) + copies
+    if total > limits.max_subagents:
+        counted = f" (counting {copies} range copies)" if ranged else ""
+        problems.append(f"the plan has {total} sub-agents{counted}, more than the limit "
+                        f"max_subagents={limits.max_subagents}")
 
     graph = nx.DiGraph()
     seen_dupes: set[str] = set()
@@ -91,6 +112,7 @@ def validate_plan(plan: SwarmPlan, limits: Limits, known_tools: Collection[str])
             continue  # a duplicate: already reported, its edges would be ambiguous
         problems.extend(_dependency_problems(spec, graph))
         problems.extend(_spec_problems(spec, limits, known_tools))
+        problems.extend(_range_problems(spec))
         if spec.for_each is not None and spec.for_each.source not in spec.depends_on:
             problems.append(
                 f"agent {spec.id!r} fans out over {spec.for_each.source!r}, which is not among its "
@@ -122,8 +144,8 @@ def check_new_node(graph: nx.DiGraph, spec: SubAgentSpec, limits: Limits, known_
         )
     problems.extend(_dependency_problems(spec, graph))
     problems.extend(_spec_problems(spec, limits, known_tools))
-    if spec.for_each is not None:
-        problems.append(f"agent {spec.id!r} has for_each, which only a plan's node may have")
+    if spec.for_each is not None or spec.for_range is not None:
+        problems.append(f"agent {spec.id!r} has {'for_each' if spec.for_each else 'for_range'}, which only a plan's node may have")
     if problems:
         raise PlanValidationError(problems)
 

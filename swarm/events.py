@@ -105,6 +105,8 @@ class SubAgentFinished(_Event):
     result: str = ""
     steps: int = 0
     tool_calls: int = 0
+    # What the node's keep_rows filter did to its answer (swarm.row_filter); "" without a filter.
+    filter_note: str = ""
 
 
 class SubAgentFailed(_Event):

@@ -1,11 +1,15 @@
 """Fan-out ("for each"): one plan node that runs as one sub-agent per chunk of a list that an earlier
-sub-agent returned.
+sub-agent returned, or ("for range") per window of numbers the plan names.
 
 A plan is written before any sub-agent has run, so it cannot name the items of a list that a lister
 will find ("the countries of Africa"). A node with `for_each` says instead: when `source` finishes,
 split its answer into items (repeats dropped), and run my task once per `chunk` items, all in parallel. Each copy sees
 only its chunk (keeping the list's label), so every copy is short whatever the list's length; the
 node's result is the copies' results merged (markdown tables with one header become one table).
+
+A node with `for_range` needs no list: "cities ranked {start} to {end}" with start 1, end 50, chunk 15
+runs four copies (1-15, 16-30, 31-45, 46-50), each with its window's bounds in its task. A policy
+writes one agent instead of counting out ten, and cannot write an eleventh.
 
 Kept free of Ray: the trace synthesizer (planner.traces) renders exactly what the runtime sends.
 """
@@ -15,7 +19,7 @@ from __future__ import annotations
 import re
 
 from swarm.messages import concat_results
-from swarm.plans import SubAgentSpec
+from swarm.plans import ForRange, SubAgentSpec
 
 # "Countries: A; B; C" -> label "Countries: "; a label is short and holds no list separator.
 _LABEL_RE = re.compile(r"^([A-Za-z][^:;\n|]{0,60}:\s*)(?=\S)")
@@ -87,14 +91,28 @@ def chunks(items: list[str], size: int) -> list[list[str]]:
     return [items[i : i + size] for i in range(0, len(items), size)]
 
 
+def range_windows(r: ForRange) -> list[tuple[int, int]]:
+    """The (start, end) windows of a range fan-out: `chunk` numbers each, the last ending at r.end."""
+    return [(s, min(s + r.chunk - 1, r.end)) for s in range(r.start, r.end + 1, r.chunk)]
+
+
+def range_task(task: str, start: int, end: int) -> str:
+    """A range copy's task: the node's task with its window's bounds in place of {start} and {end}."""
+    return task.replace("{start}", str(start)).replace("{end}", str(end))
+
+
 def copy_id(parent_id: str, k: int) -> str:
     """The id of a fan-out node's k-th copy (1-based): "<parent>.<k>"."""
     return f"{parent_id}.{k}"
 
 
-def copy_spec(parent: SubAgentSpec, k: int) -> SubAgentSpec:
-    """The k-th copy of a fan-out node: same role, task and tools, no fan-out of its own."""
-    return parent.model_copy(update={"id": copy_id(parent.id, k), "for_each": None})
+def copy_spec(parent: SubAgentSpec, k: int, task: str | None = None) -> SubAgentSpec:
+    """The k-th copy of a fan-out node: same role, task (or `task`: a range copy's own) and tools, and
+    no fan-out of its own."""
+    update: dict = {"id": copy_id(parent.id, k), "for_each": None, "for_range": None}
+    if task is not None:
+        update["task"] = task
+    return parent.model_copy(update=update)
 
 
 def merge_results(results: list[tuple[SubAgentSpec, str]]) -> str:

@@ -44,12 +44,13 @@ from swarm.events import (
     ToolCalled,
     _Event,
 )
-from swarm.fan_out import chunk_text, chunks, copy_spec, distinct, list_items, merge_results
+from swarm.fan_out import chunk_text, chunks, copy_spec, distinct, list_items, merge_results, range_task, range_windows
 from swarm.llm import ChatMessage, ChatResult, LLMClient, LLMError
 from swarm.messages import AGGREGATOR_SYSTEM_PROMPT, aggregate_user_message, compose_task_message, concat_results
 from swarm.orchestrator import Orchestrator, SubAgentOutcome
 from swarm.plan_writer import DEFAULT_MAX_REPAIRS, PlanRepairError, load_plan_format, write_plan
 from swarm.plans import JobMetrics, JobSpec, JobState, LLMConfig, SubAgentSpec, SwarmPlan, ToolsConfig, redact_llm_keys
+from swarm.row_filter import filter_answer
 from swarm.worker_pool import JobContext, SubAgentRun, SubAgentRunResult, WorkerPool
 from workers.tools.registry import ToolRegistry
 
@@ -503,7 +504,7 @@ class Job:
                 node.state, node.outcome = "failed", out
                 self.emit(SubAgentFailed(agent_id=node.spec.id, error=out.text, attempt=0, will_retry=False))
                 return out
-            if node.spec.for_each is not None:
+            if node.spec.for_each is not None or node.spec.for_range is not None:
                 out = await self._fan_out(node, deps)
             else:
                 message = compose_task_message(node.spec.task, [(d.spec, d.outcome.text) for d in deps if d.outcome])
@@ -515,43 +516,53 @@ class Job:
             raise
 
     async def _fan_out(self, node: _Node, deps: list[_Node]) -> SubAgentOutcome:
-        """Run `node` as one copy per chunk of its source's list (swarm.fan_out), all in parallel;
-        its result is the copies' results merged. Fails if the list is empty, the copies would pass
-        max_subagents, or a copy fails."""
+        """Run `node` as one copy per chunk of its source's list, or per window of its range
+        (swarm.fan_out), all in parallel; its result is the copies' results merged. Fails if the list
+        is empty, the copies would pass max_subagents, or a copy fails."""
         spec = node.spec
-        fe = spec.for_each
-        assert fe is not None
         node.state, node.children = "running", []
         self.emit(SubAgentStarted(agent_id=spec.id, worker="fan-out"))
-        source = self._nodes[fe.source]
-        label, listed = list_items(source.outcome.text if source.outcome else "")
-        items = distinct(listed)
-        repeats = f" (and {len(listed) - len(items)} repeated items, dropped)" if len(listed) > len(items) else ""
-        if not items:
-            return self._fail_node(node, 1, f"it fans out over {fe.source!r}, whose answer holds no list items")
-        parts = chunks(items, fe.chunk)
+        dep_results = [(d.spec, d.outcome.text if d.outcome else "") for d in deps]
+        if spec.for_range is not None:
+            fr = spec.for_range
+            tasks = [range_task(spec.task, s, e) for s, e in range_windows(fr)]
+            specs = [copy_spec(spec, k, task) for k, task in enumerate(tasks, start=1)]
+            messages = [compose_task_message(task, dep_results) for task in tasks]
+            what = f"its range {fr.start} to {fr.end} in windows of {fr.chunk}"
+        else:
+            fe = spec.for_each
+            assert fe is not None
+            source = self._nodes[fe.source]
+            label, listed = list_items(source.outcome.text if source.outcome else "")
+            items = distinct(listed)
+            repeats = f" (and {len(listed) - len(items)} repeated items, dropped)" if len(listed) > len(items) else ""
+            if not items:
+                return self._fail_node(node, 1, f"it fans out over {fe.source!r}, whose answer holds no list items")
+            parts = chunks(items, fe.chunk)
+            specs = [copy_spec(spec, k) for k in range(1, len(parts) + 1)]
+            # Each copy sees only its chunk of the source's list (with the list's label).
+            messages = [compose_task_message(spec.task, [(d, chunk_text(label, part) if d.id == fe.source else text)
+                                                         for d, text in dep_results]) for part in parts]
+            what = f"its {len(items)} items{repeats} in chunks of {fe.chunk}"
         agents = sum(1 for n in self._nodes.values() if n.children is None)
-        if agents + len(parts) > self._limits.max_subagents:
+        if agents + len(specs) > self._limits.max_subagents:
             return self._fail_node(
                 node, 1,
-                f"its {len(items)} items{repeats} in chunks of {fe.chunk} need {len(parts)} copies, which would make "
-                f"{agents + len(parts)} sub-agents, more than the limit max_subagents={self._limits.max_subagents}",
+                f"{what} need {len(specs)} copies, which would make "
+                f"{agents + len(specs)} sub-agents, more than the limit max_subagents={self._limits.max_subagents}",
             )
-        specs = [copy_spec(spec, k) for k in range(1, len(parts) + 1)]
         taken = [c.id for c in specs if c.id in self._nodes]
         if taken:
             return self._fail_node(node, 1, f"its copies' ids {taken} are taken by other agents of the plan")
         copies = []
-        for cs, part in zip(specs, parts):
+        for cs, message in zip(specs, messages):
             self.graph.add_node(cs.id, spec=cs)
             for dep in cs.depends_on:
                 self.graph.add_edge(dep, cs.id)
             self.graph.add_edge(cs.id, spec.id)
             child = self._add_node(cs, node.stage, fan_out_of=spec.id)
             node.children.append(cs.id)
-            shown = [(d.spec, chunk_text(label, part) if d is source else (d.outcome.text if d.outcome else ""))
-                     for d in deps]
-            child.task = asyncio.create_task(self._run_copy(child, compose_task_message(spec.task, shown)))
+            child.task = asyncio.create_task(self._run_copy(child, message))
             copies.append(child)
         await asyncio.wait([c.task for c in copies if c.task is not None])
         failed = [c for c in copies if c.outcome is None or not c.outcome.ok]
@@ -659,10 +670,10 @@ class Job:
             node.ref = node.token = None
             if res.ok:
                 node.state = "finished"
-                self.emit(
-                    SubAgentFinished(agent_id=spec.id, result=res.result, steps=res.steps, tool_calls=res.tool_calls)
-                )
-                return SubAgentOutcome(True, res.result)
+                result, note = filter_answer(spec.keep_rows, res.result)
+                self.emit(SubAgentFinished(agent_id=spec.id, result=result, steps=res.steps,
+                                           tool_calls=res.tool_calls, filter_note=note))
+                return SubAgentOutcome(True, result)
             failures += 1
             will_retry = failures <= lim.max_retries
             self.emit(SubAgentFailed(agent_id=spec.id, error=res.error, attempt=attempt, will_retry=will_retry))

@@ -16,6 +16,8 @@ from typing import Any, Literal
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from swarm.row_filter import RowFilter
+
 # K2.5 Agent Swarm limits (DESIGN.md §3): the defaults, all configurable per job.
 MAX_SUBAGENTS = 100
 MAX_TOOL_CALLS = 1500
@@ -61,6 +63,22 @@ class ForEach(WireModel):
     chunk: int = Field(3, ge=1, le=1000, description="items per copy")
 
 
+class ForRange(WireModel):
+    """Range fan-out (swarm.fan_out): run the node once per window of `chunk` numbers from `start` to
+    `end` (the last window ends at `end`), each copy's task with "{start}" and "{end}" replaced by its
+    window's bounds: "cities ranked {start} to {end}", "result pages {start} to {end}"."""
+
+    start: int = Field(ge=0, le=1_000_000)
+    end: int = Field(ge=0, le=1_000_000)
+    chunk: int = Field(10, ge=1, le=1_000_000, description="numbers per copy")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "ForRange":
+        if self.end < self.start:
+            raise ValueError(f"for_range end {self.end} is below its start {self.start}")
+        return self
+
+
 class SubAgentSpec(WireModel):
     """One node of the swarm DAG: a frozen sub-agent with a role, a task and its tools."""
 
@@ -74,6 +92,11 @@ class SubAgentSpec(WireModel):
     max_steps: int | None = Field(None, ge=1)
     # Set: this node runs as one copy per chunk of `for_each.source`'s list, in parallel (plan mode).
     for_each: ForEach | None = None
+    # Set: this node runs as one copy per window of numbers, in parallel (plan mode; swarm.fan_out).
+    for_range: ForRange | None = None
+    # Set: the runtime keeps only the rows of this agent's table(s) that pass (swarm.row_filter); a
+    # fan-out's copies each filter their own table.
+    keep_rows: RowFilter | None = None
 
     @field_validator("id")
     @classmethod

@@ -179,7 +179,7 @@ def test_example_jobs_parse_and_their_plans_validate():
     from swarm.plans import JobSpec
 
     files = sorted((Path(__file__).resolve().parent.parent / "examples").glob("*_job.json"))
-    assert {f.name for f in files} >= {"plan_job.json", "task_job.json", "fan_out_job.json"}
+    assert {f.name for f in files} >= {"plan_job.json", "task_job.json", "fan_out_job.json", "filter_job.json"}
     for f in files:
         spec = JobSpec.model_validate_json(f.read_text())
         if spec.plan is not None:

@@ -20,6 +20,7 @@ from planner.plan_schema import (
     plan_json_schema,
 )
 from planner.prompts import SUBAGENT_SYSTEM_PROMPT
+from swarm.row_filter import RowFilter
 from swarm.dag import validate_plan
 from swarm.plans import Limits
 
@@ -154,3 +155,45 @@ def test_compact_plan_json_refuses_text_the_grammar_cannot_write():
         compact_plan_json(CompactPlan(agents=[CompactAgent(name="a", task='say "hi"')]))
     with pytest.raises(ValueError, match="depends on 1"):
         compact_plan_json(CompactPlan(agents=[CompactAgent(name="a", task="t", depends_on=[1])]))
+
+
+def _grammar_admits_whole(text: str):
+    """(tokenizer, matcher) after checking that the schema and the engine's grammar admit `text` whole."""
+    schema = plan_json_schema()
+    jsonschema.validate(json.loads(text), schema)
+    tok = ByteTokenizer()
+    matcher = GrammarCache(tok).matcher(Constraint("json_schema", json.dumps(schema)))
+    assert all(matcher.accept(i) for i in tok.encode(text))
+    assert matcher.accept(tok.eos_id) and matcher.is_terminated()
+    return tok, matcher
+
+
+def _keep_plan() -> CompactPlan:
+    return CompactPlan(agents=[
+        CompactAgent(name="lister", task="List the countries of Asia."),
+        CompactAgent(name="filler", task="Give the population of each.", depends_on=[1], for_each=3,
+                     keep="population more than 5,000,000"),
+        CompactAgent(name="one", task="Look up Laos.", keep="languages have Lao"),
+    ])
+
+
+def test_a_keep_filter_reaches_the_node_and_the_grammar_admits_it():
+    text = compact_plan_json(_keep_plan())
+    assert '"for_each": 3, "keep": "population more than 5,000,000"}' in text
+    plan = parse_plan(text)
+    assert plan.subagents[0].keep_rows is None
+    assert plan.subagents[1].keep_rows == RowFilter(column="population", op=">", value="5,000,000")
+    assert plan.subagents[2].keep_rows == RowFilter(column="languages", op="contains", value="Lao")
+    tok, matcher = _grammar_admits_whole(text)
+    # a keep that is not an object's string is outside the grammar
+    matcher.reset()
+    bad = '{"agents": [{"name": "a", "task": "t", "depends_on": [], "keep": {'
+    assert not all(matcher.accept(i) for i in tok.encode(bad))
+    # parse_plan names a condition it cannot read, or one whose value is not a number
+    raw = json.loads(text)
+    raw["agents"][1]["keep"] = "population roughly 5"
+    with pytest.raises(PlanParseError, match="is not 'COLUMN OP VALUE'"):
+        parse_plan(json.dumps(raw))
+    raw["agents"][1]["keep"] = "population more than many"
+    with pytest.raises(PlanParseError, match="not a number"):
+        parse_plan(json.dumps(raw))

@@ -20,7 +20,8 @@ from swarm.events import (
     SubAgentStarted,
     ToolResult,
 )
-from swarm.plans import ForEach, JobSpec, JobState, Limits, LLMConfig, SubAgentSpec, SwarmPlan, ToolsConfig
+from swarm.plans import ForEach, ForRange, JobSpec, JobState, Limits, LLMConfig, SubAgentSpec, SwarmPlan, ToolsConfig
+from swarm.row_filter import RowFilter
 from swarm.runtime import JobNotFound, SwarmRuntime
 from tests.scripted_policy import script_task
 from tests.runtime_test_tools import echo_llm_factory, touch_tool, wait_file_tool
@@ -307,3 +308,47 @@ async def test_a_fan_out_fails_clearly_on_an_empty_list_or_too_many_copies(runti
             SubAgentSpec(id="lister", task="t"),
             SubAgentSpec(id="filler", task="u", for_each=ForEach(source="lister")),
         ])))
+
+
+async def test_keep_rows_filters_each_agents_table_before_its_dependents_see_it(runtime: SwarmRuntime) -> None:
+    table = ("| country | population |\n|---|---|\n| Peru | 31,989,256 |\n| Guyana | 779,004 |\n"
+             "| Chile | 18,729,160 |")
+    keep = RowFilter(column="population", op=">", value="5,000,000")
+    lister = SubAgentSpec(id="lister", task=script_task({"answer": "Countries: Peru; Guyana; Chile; Brazil"}))
+    filler = SubAgentSpec(id="filler", task=script_task({"answer": table}), depends_on=["lister"],
+                          for_each=ForEach(source="lister", chunk=2), keep_rows=keep)
+    reader = SubAgentSpec(id="reader", task=script_task({"echo_task": True}), depends_on=["filler"])
+    events: list[Event] = []
+    status = await runtime.run_job(JobSpec(plan=SwarmPlan(subagents=[lister, filler, reader])), on_event=events.append)
+
+    assert status.state == JobState.succeeded, status.error
+    for copy in ("filler.1", "filler.2"):  # each copy's table is filtered, and the event says how
+        done = first(events, SubAgentFinished, copy)
+        assert "Peru" in done.result and "Chile" in done.result and "Guyana" not in done.result
+        assert done.filter_note == "keep_rows (population > 5,000,000): kept 2 of 3 rows"
+    assert "Guyana" not in first(events, SubAgentFinished, "filler").result
+    assert "Guyana" not in first(events, SubAgentFinished, "reader").result  # the dependent saw the filtered table
+    assert first(events, SubAgentFinished, "lister").filter_note == ""
+    assert status.result is not None and "| Guyana |" not in status.result and "| Peru |" in status.result
+
+
+async def test_a_range_fan_out_runs_one_copy_per_window_with_its_bounds_in_the_task(runtime: SwarmRuntime) -> None:
+    cities = SubAgentSpec(id="cities", task=script_task({"echo_task": True}, prefix="ranks {start} to {end}"),
+                          for_range=ForRange(start=1, end=50, chunk=15),
+                          keep_rows=RowFilter(column="rank", op="<=", value="50"))
+    events: list[Event] = []
+    status = await runtime.run_job(JobSpec(plan=SwarmPlan(subagents=[cities])), on_event=events.append)
+
+    assert status.state == JobState.succeeded, status.error
+    copies = [e for e in events if isinstance(e, SubAgentCreated) and e.fan_out_of == "cities"]
+    assert [c.agent_id for c in copies] == ["cities.1", "cities.2", "cities.3", "cities.4"]
+    for copy, (s, e) in zip(copies, [(1, 15), (16, 30), (31, 45), (46, 50)]):
+        assert f"ranks {s} to {e}" in first(events, SubAgentFinished, copy.agent_id).result
+    assert status.metrics.critical_steps == 1 and status.metrics.subagents == 4
+    # The copies are counted against max_subagents when the plan is checked, before anything runs.
+    with pytest.raises(PlanValidationError, match=r"5 sub-agents \(counting 4 range copies\)"):
+        await runtime.run_job(JobSpec(plan=SwarmPlan(subagents=[cities, SubAgentSpec(id="x", task="t")]),
+                                      limits=Limits(max_subagents=4)))
+    with pytest.raises(PlanValidationError, match=r"names neither \{start\} nor \{end\}"):
+        await runtime.run_job(JobSpec(plan=SwarmPlan(subagents=[
+            SubAgentSpec(id="same", task="t", for_range=ForRange(start=1, end=3, chunk=1))])))

@@ -191,7 +191,7 @@ def test_bpe_run_trains_its_vocabulary_on_train_traces_and_ships_it(tmp_path):
 
     out = tmp_path / "bpe"
     cfg = SFTConfig(preset="tiny", out=str(out), steps=1, seed=0, batch_tokens=2048, max_len=1024, lr=1e-3,
-                    warmup=0, train_tasks=3, eval_tasks=1, data_seed=5, kinds=["orchestrator_plan"],
+                    warmup=0, train_tasks=8, eval_tasks=1, data_seed=5, kinds=["orchestrator_plan"],
                     tokenizer="bpe:400", context_loss_weight=0.1, threads=2)
     res = train(cfg)
     assert res.steps == 1
@@ -202,7 +202,7 @@ def test_bpe_run_trains_its_vocabulary_on_train_traces_and_ships_it(tmp_path):
     mcfg, _ = load_checkpoint(out)
     # The embedding covers the trained vocabulary (rounded up to 64), not the preset's byte vocabulary.
     assert mcfg.vocab_size >= tok.vocab_size and mcfg.vocab_size % 64 == 0 and mcfg.vocab_size != 512
-    # The vocabulary compresses the traces it was trained on (3 tasks, merges seen >= 20 times).
+    # The vocabulary compresses the traces it was trained on (8 tasks, merges seen >= 20 times).
     from planner.prompts import PLAN_MODE_PROMPT
     assert len(tok.encode(PLAN_MODE_PROMPT)) < 0.9 * len(PLAN_MODE_PROMPT.encode())
     with pytest.raises(ValueError, match="bpe:MERGES"):
@@ -373,3 +373,21 @@ def test_spaced_names_and_fake_languages_are_part_of_the_data_recipe(tmp_path):
     assert planner.sft.data_key(cfg) != planner.sft.data_key(plain)
     with pytest.raises(ValueError, match="--fake-languages needs --fake-entity-copies"):
         build_data(SFTConfig(preset="tiny", out=str(tmp_path), train_tasks=1, eval_tasks=0, fake_languages=True), 4096)
+
+
+def test_repeat_draws_the_examples_of_a_kind_more_often_and_bad_values_are_named():
+    from planner.sft import _parse, repeated
+    from planner.traces import EncodedExample
+
+    exs = [EncodedExample(kind=k, task_id=str(i), ids=[1, 2], mask=[0, 1]) for i, k in
+           enumerate(["subagent", "orchestrator_plan", "subagent"])]
+    out = repeated(exs, {"orchestrator_plan": 3})
+    assert [e.task_id for e in out] == ["0", "1", "1", "1", "2"]
+    assert repeated(exs, {}) == exs
+    cfg, *_ = _parse(["--out", "x", "--repeat", "orchestrator_plan=4"])
+    assert cfg.repeat == {"orchestrator_plan": 4}
+    assert "--repeat orchestrator_plan=4" in " ".join(_argv_of(cfg))
+    with pytest.raises(SystemExit):
+        _parse(["--out", "x", "--repeat", "plans=4"])
+    with pytest.raises(ValueError, match="counts >= 1"):
+        SFTConfig(out="x", repeat={"subagent": 0})

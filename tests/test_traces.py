@@ -314,3 +314,35 @@ def test_spaced_names_put_every_copied_name_after_a_space(env, traced):
                     assert not any(q.startswith(n) for n in names), q
                     queries += 1
     assert lists >= 4 and queries > 20
+
+
+def test_filtering_plans_state_the_condition_as_keep_and_their_copies_write_every_row(traced):
+    """Trace version 5: a continent or language plan's filler carries the task's condition as a keep
+    filter; each copy's table has a row per country of its chunk (with the column the filter reads),
+    and only the runtime's filter decides which rows stay, giving exactly the gold rows."""
+    from swarm.row_filter import filter_answer
+
+    seen = set()
+    for tr in traced[1]:
+        t = tr.task.meta["template"]
+        if t not in ("continent_countries", "language_countries"):
+            continue
+        lister, filler = tr.plan.to_swarm_plan().subagents
+        keep = filler.keep_rows
+        assert keep is not None and keep.column == ("population" if t == "continent_countries" else "languages")
+        assert keep.op == (">" if t == "continent_countries" else "contains")
+        # written in the task's own words, so the value follows the word it follows in the task
+        phrase = tr.plan.agents[1].keep
+        assert phrase.split(" ", 1)[1] in tr.task.prompt, (phrase, tr.task.prompt)
+        assert keep.column in filler.task and "Keep only" not in filler.task
+        for c in tr.conversations:
+            if c.kind == "subagent" and c.messages[1]["content"].endswith(filler.task):
+                chunk = fan_out_items(c.messages[1]["content"].split("\n\n")[1].split("\n", 1)[1])[1]
+                table = c.messages[-1]["content"]
+                assert len(table.splitlines()) == 2 + len(chunk) and keep.column in table.splitlines()[0]
+        gold = {r["country"] for r in tr.task.gold}
+        rows = [ln.split("|")[1].strip() for ln in filter_answer(keep, tr.plan_answer)[0].splitlines()
+                if ln.startswith("| ") and "---" not in ln and not ln.startswith("| country")]
+        assert set(rows) == gold and len(rows) == len(gold), tr.task.id
+        seen.add(t)
+    assert seen == {"continent_countries", "language_countries"}
