@@ -185,10 +185,12 @@ def test_a_keep_filter_reaches_the_node_and_the_grammar_admits_it():
     assert plan.subagents[1].keep_rows == RowFilter(column="population", op=">", value="5,000,000")
     assert plan.subagents[2].keep_rows == RowFilter(column="languages", op="contains", value="Lao")
     tok, matcher = _grammar_admits_whole(text)
-    # a keep that is not an object's string is outside the grammar
-    matcher.reset()
-    bad = '{"agents": [{"name": "a", "task": "t", "depends_on": [], "keep": {'
-    assert not all(matcher.accept(i) for i in tok.encode(bad))
+    # a keep that is not a readable phrase is outside the grammar: not a string, no operator, or a
+    # comparison with something other than a number
+    for bad in ('{', '"population roughly 5"', '"population more than many"'):
+        matcher.reset()
+        text_bad = '{"agents": [{"name": "a", "task": "t", "depends_on": [], "keep": ' + bad + '}'
+        assert not all(matcher.accept(i) for i in tok.encode(text_bad)), bad
     # parse_plan names a condition it cannot read, or one whose value is not a number
     raw = json.loads(text)
     raw["agents"][1]["keep"] = "population roughly 5"
