@@ -20,6 +20,7 @@ import re
 
 from swarm.messages import concat_results
 from swarm.plans import ForRange, SubAgentSpec
+from swarm.row_filter import is_separator
 
 # "Countries: A; B; C" -> label "Countries: "; a label is short and holds no list separator.
 _LABEL_RE = re.compile(r"^([A-Za-z][^:;\n|]{0,60}:\s*)(?=\S)")
@@ -30,7 +31,7 @@ def _table_rows(text: str) -> tuple[str, list[str]] | None:
     """(header + separator lines, body lines) of the first markdown table in `text`, else None."""
     lines = [ln.strip() for ln in text.splitlines()]
     for i in range(len(lines) - 1):
-        if lines[i].startswith("|") and re.fullmatch(r"\|?\s*:?-{3,}:?\s*(\|\s*:?-{3,}:?\s*)*\|?", lines[i + 1]):
+        if lines[i].startswith("|") and is_separator(lines[i + 1]):
             body = []
             for ln in lines[i + 2 :]:
                 if not ln.startswith("|"):

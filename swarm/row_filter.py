@@ -18,9 +18,13 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 Op = Literal["contains", "=", "!=", ">", ">=", "<", "<="]
-OPS: tuple[str, ...] = ("contains", "=", "!=", ">", ">=", "<", "<=")
 NUMERIC_OPS = {">", ">=", "<", "<="}
 _SEPARATOR_RE = re.compile(r"^\|?\s*:?-{3,}:?\s*(\|\s*:?-{3,}:?\s*)*\|?$")
+
+
+def is_separator(line: str) -> bool:
+    """Whether `line` is a markdown table's header separator (|---|---|)."""
+    return _SEPARATOR_RE.match(line.strip()) is not None
 # A number as tables write it: "5,000,000", "5 000 000", "-3.5", "1,234 km²".
 _NUMBER_RE = re.compile(r"[-+]?\d[\d,\s]*(?:\.\d+)?")
 
@@ -138,7 +142,7 @@ def apply_row_filter(f: RowFilter, text: str) -> tuple[str, int, int]:
             i += 1
             continue
         col = None
-        if stripped.startswith("|") and i + 1 < len(lines) and _SEPARATOR_RE.match(lines[i + 1].strip()):
+        if stripped.startswith("|") and i + 1 < len(lines) and is_separator(lines[i + 1]):
             header = [_norm(c) for c in _cells(stripped)]
             if _norm(f.column) in header:
                 col = header.index(_norm(f.column))
