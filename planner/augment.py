@@ -23,7 +23,7 @@ from typing import Any, Literal, get_args
 
 from planner.envs.geodata import LANGUAGE_NAMES, fold, load_geodata, split_of_country
 from planner.envs.widegeo import task_subject
-from planner.traces import Conversation, TaskTrace, list_items
+from planner.traces import PARTS_LABEL, Conversation, TaskTrace, list_items
 
 _SYLLABLES = ("ba", "ko", "ri", "ta", "mu", "se", "lo", "na", "vi", "de", "go", "pu", "ze", "ha", "ki", "ol",
               "an", "er", "is", "un", "ma", "te", "ro", "su", "fa", "ne", "li", "do", "ka", "bu")
@@ -128,7 +128,8 @@ def task_entities(trace: TaskTrace, languages: bool = False) -> list[str]:
         for m in conv.messages:
             content = m.get("content")
             if (m.get("role") == "assistant" and isinstance(content, str) and "; " in content
-                    and not any(c in content for c in "|{")):  # a list, not a table or a JSON plan
+                    and not any(c in content for c in "|{")  # a list, not a table or a JSON plan,
+                    and not content.startswith(PARTS_LABEL)):  # nor a list's parts ("first; second")
                 names.update(p for p in list_items(content) if len(p) >= _LIST_ITEM_MIN)
     if languages and trace.task.meta.get("template") == "language_countries":
         names.add(LANGUAGE_NAMES[trace.task.meta["params"]["language"]])

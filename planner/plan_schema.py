@@ -1,11 +1,13 @@
 """The compact plan the policy writes in plan mode, its JSON schema (for the engine's structured
 decoding) and its conversion to `swarm.plans.SwarmPlan`.
 
-Compact form (positional): {"agents": [{"name", "task", "depends_on", "for_each"?, "keep"?}],
-"aggregate": "concat"|"llm", "aggregate_prompt"?}; `keep` "COLUMN OP VALUE" is a row filter of the
-agent's table (swarm.row_filter). A range fan-out (SwarmPlan's for_range) is not in this form: its
-validity (end >= start, {start}/{end} in the task, copies within max_subagents) is beyond a grammar,
-and every text the grammar admits must be a valid plan. Agents are numbered 1, 2, 3 ... in list order; `depends_on` lists the numbers
+Compact form (positional): {"agents": [{"name", "task", "depends_on", "for_each"? | "for_range"?,
+"keep"?}], "aggregate": "concat"|"llm", "aggregate_prompt"?}; `keep` "COLUMN OP VALUE" is a row filter
+of the agent's table (swarm.row_filter); `for_range` "all the N by C" runs the agent once per window of C
+numbers from 1 to N (SwarmPlan's for_range), written so that N is copied after the word the task puts
+before it (" the" in "What are the 120 most populous cities"). So that every text the grammar admits is a valid plan,
+the conversion puts the window into a task that names neither {start} nor {end}, and widens the
+windows when their copies would pass max_subagents. Agents are numbered 1, 2, 3 ... in list order; `depends_on` lists the numbers
 of EARLIER agents, so every plan is acyclic and has no unknown dependency by construction. The
 sub-agent id is "<name>-<number>" (unique even when names repeat). The policy does not repeat the
 system prompt and tools of every sub-agent; `parse_plan` fills them in, then checks the DAG with
@@ -29,7 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from planner.prompts import PLAN_MODE_PROMPT, SUBAGENT_SYSTEM_PROMPT
 from swarm.dag import PlanValidationError, validate_plan
 from swarm.plan_writer import PlanFormat
-from swarm.plans import MAX_SUBAGENTS, SUBAGENT_MAX_STEPS, ForEach, Limits, SubAgentSpec, SwarmPlan
+from swarm.plans import MAX_SUBAGENTS, SUBAGENT_MAX_STEPS, ForEach, ForRange, Limits, SubAgentSpec, SwarmPlan
 from swarm.row_filter import NUMERIC_OPS, OP_WORDS, RowFilter
 
 # A name becomes the id "<name>-<k>" (k <= 10_000 fits SubAgentSpec's 64-character id).
@@ -55,6 +57,25 @@ def _keep_pattern() -> str:
     number = r"-?[0-9][0-9,]{0,20}(\.[0-9]{1,6})?"
     value = r'[^"\\\x00-\x1f ][^"\\\x00-\x1f]{0,59}'
     return rf"^[A-Za-z][A-Za-z0-9_]{{0,39}} (({alt(numeric)}) {number}|({alt(text)}) {value})$"
+# "all the N by C" (the grammar's form) or "S to E by C": windows of C numbers from 1 (or S) to N (or E).
+# "all the N": the policy copies N after " the", the token before it in "What are the 120 most ...";
+# at the start of a string "the" is another token (no space), after which stage 18's first try wrote
+# the count from memory.
+RANGE_PATTERN = r"^all the [1-9][0-9]{0,3} by [1-9][0-9]{0,2}$"
+_RANGE_RE = re.compile(r"^\s*(?:(?:all\s+)?the\s+(?P<n>\d+)|(?P<s>\d+)\s+to\s+(?P<e>\d+))\s+by\s+(?P<c>\d+)\s*$", re.IGNORECASE)
+# Appended to a range agent's task that does not say where its window goes.
+RANGE_TASK_SUFFIX = " Your part: {start} to {end}."
+
+
+def parse_range(text: str) -> ForRange:
+    """A compact `for_range` phrase as a ForRange; ValueError naming what is wrong."""
+    m = _RANGE_RE.match(text)
+    if not m:
+        raise ValueError(f"for_range {text!r} is not 'all the N by C' (numbers 1 to N, C per copy) or 'S to E by C'")
+    start, end = (1, int(m["n"])) if m["n"] else (int(m["s"]), int(m["e"]))
+    return ForRange(start=start, end=end, chunk=int(m["c"]))  # its validators name a bad bound or chunk
+
+
 DEFAULT_TOOLS: tuple[str, ...] = ("search",)
 _GRAMMAR_TEXT_RE = re.compile(r'^[^"\\\x00-\x1f]*$')
 
@@ -74,10 +95,18 @@ class CompactAgent(BaseModel):
     for_each: int = Field(
         0, ge=0, le=MAX_CHUNK, description="0: one agent; N: one copy per N items of its first dependency's list"
     )
+    for_range: str | None = Field(None, description="'all the N by C': one copy per window of C numbers from 1 to N")
     # "COLUMN OP VALUE" in words the task itself uses ("population more than 5,000,000", "languages
     # have English"): the policy copies the phrase, where a bare value has no words before it to
     # copy after (swarm.row_filter.RowFilter reads it).
     keep: str | None = Field(None, description="keep only the rows of its table that pass: 'COLUMN OP VALUE'")
+
+    @field_validator("for_range")
+    @classmethod
+    def _range_reads(cls, v: str | None) -> str | None:
+        if v is not None:
+            parse_range(v)
+        return v
 
     @field_validator("keep")
     @classmethod
@@ -111,24 +140,46 @@ class CompactPlan(BaseModel):
                     )
             if a.for_each and not a.depends_on:
                 problems.append(f"agent {k} ({a.name!r}) has for_each but no dependency whose list it could split")
+            if a.for_each and a.for_range:
+                problems.append(f"agent {k} ({a.name!r}) has both for_each and for_range; an agent fans out one way")
         return problems
+
+    def _ranges(self, max_subagents: int) -> list[ForRange | None]:
+        """Each agent's range fan-out, windows widened where needed so that the range copies and the
+        other agents together stay within `max_subagents`."""
+        ranges = [parse_range(a.for_range) if a.for_range else None for a in self.agents]
+        n_ranged = sum(r is not None for r in ranges)
+        if not n_ranged:
+            return ranges
+        budget = max(1, (max_subagents - (len(self.agents) - n_ranged)) // n_ranged)
+        return [r if r is None or -(-(r.end - r.start + 1) // r.chunk) <= budget
+                else r.model_copy(update={"chunk": -(-(r.end - r.start + 1) // budget)}) for r in ranges]
 
     def to_swarm_plan(
         self,
         system_prompt: str = SUBAGENT_SYSTEM_PROMPT,
         tools: Collection[str] = DEFAULT_TOOLS,
         max_steps: int = SUBAGENT_MAX_STEPS,
+        max_subagents: int = MAX_SUBAGENTS,
     ) -> SwarmPlan:
         problems = self.dependency_problems()
         if problems:
             raise PlanValidationError(problems)
         ids = [agent_id(a.name, k) for k, a in enumerate(self.agents, start=1)]
+        ranges = self._ranges(max_subagents)
+
+        def task(a: CompactAgent) -> str:
+            if a.for_range and "{start}" not in a.task and "{end}" not in a.task:
+                return a.task + RANGE_TASK_SUFFIX
+            return a.task
+
         return SwarmPlan(
             subagents=[
-                SubAgentSpec(id=ids[k], name=a.name, system_prompt=system_prompt, task=a.task, tools=list(tools),
+                SubAgentSpec(id=ids[k], name=a.name, system_prompt=system_prompt, task=task(a), tools=list(tools),
                              # a repeated number is harmless: keep each dependency once
                              depends_on=[ids[d - 1] for d in dict.fromkeys(a.depends_on)], max_steps=max_steps,
                              for_each=ForEach(source=ids[a.depends_on[0] - 1], chunk=a.for_each) if a.for_each else None,
+                             for_range=ranges[k],
                              keep_rows=RowFilter.model_validate(a.keep) if a.keep else None)
                 for k, a in enumerate(self.agents)
             ],
@@ -155,9 +206,12 @@ def plan_json_schema(max_agents: int = MAX_SUBAGENTS, max_task_chars: int = MAX_
         name_task = {"name": {"$ref": "#/$defs/name"}, "task": {"$ref": "#/$defs/task"}}
         keep = {"keep": {"$ref": "#/$defs/keep"}}  # optional, last: the row filter of the agent's table
         if k == 1:
-            return {"type": "object",
-                    "properties": {**name_task, "depends_on": {"type": "array", "maxItems": 0}, **keep},
-                    "required": ["name", "task", "depends_on"], "additionalProperties": False}
+            none = {"type": "array", "maxItems": 0}
+            return {"anyOf": [
+                {"type": "object", "properties": {**name_task, "depends_on": none, **keep},
+                 "required": ["name", "task", "depends_on"], "additionalProperties": False},
+                {"type": "object", "properties": {**name_task, "depends_on": none, "for_range": {"$ref": "#/$defs/for_range"}, **keep},
+                 "required": ["name", "task", "depends_on", "for_range"], "additionalProperties": False}]}
         ids = {"type": "integer", "enum": list(range(1, k))}
         plain = {"type": "object",
                  "properties": {**name_task, "depends_on": {"type": "array", "items": ids, "maxItems": k - 1}, **keep},
@@ -168,7 +222,12 @@ def plan_json_schema(max_agents: int = MAX_SUBAGENTS, max_task_chars: int = MAX_
                                   "depends_on": {"type": "array", "items": ids, "minItems": 1, "maxItems": k - 1},
                                   "for_each": {"$ref": "#/$defs/for_each"}, **keep},
                    "required": ["name", "task", "depends_on", "for_each"], "additionalProperties": False}
-        return {"anyOf": [plain, fan_out]}
+        # A range agent needs no dependency (its windows are in the plan); it may still read some.
+        ranged = {"type": "object",
+                  "properties": {**name_task, "depends_on": {"type": "array", "items": ids, "maxItems": k - 1},
+                                 "for_range": {"$ref": "#/$defs/for_range"}, **keep},
+                  "required": ["name", "task", "depends_on", "for_range"], "additionalProperties": False}
+        return {"anyOf": [plain, fan_out, ranged]}
 
     return {
         "type": "object",
@@ -191,6 +250,7 @@ def plan_json_schema(max_agents: int = MAX_SUBAGENTS, max_task_chars: int = MAX_
             "aggregate_prompt": _text_schema(0, max_aggregate_prompt_chars),
             "for_each": {"type": "integer", "minimum": 1, "maximum": MAX_CHUNK},
             "keep": {"type": "string", "pattern": _keep_pattern()},
+            "for_range": {"type": "string", "pattern": RANGE_PATTERN},
         },
     }
 
@@ -215,6 +275,8 @@ def compact_plan_json(plan: CompactPlan) -> str:
     for a in data["agents"]:
         if not a["for_each"]:
             del a["for_each"]
+        if a["for_range"] is None:
+            del a["for_range"]
         if a["keep"] is None:
             del a["keep"]
     return json.dumps(data, ensure_ascii=False, separators=(", ", ": "))
@@ -252,7 +314,8 @@ def parse_plan(
         raise PlanParseError(f"invalid plan: {problems}") from None
     limits = limits or Limits()
     try:
-        plan = compact.to_swarm_plan(system_prompt, tools, min(SUBAGENT_MAX_STEPS, limits.subagent_max_steps))
+        plan = compact.to_swarm_plan(system_prompt, tools, min(SUBAGENT_MAX_STEPS, limits.subagent_max_steps),
+                                     limits.max_subagents)
         validate_plan(plan, limits, set(tools))
     except PlanValidationError as e:
         raise PlanParseError("invalid plan: " + "; ".join(e.problems)) from None

@@ -18,7 +18,8 @@ PLAN_MODE_PROMPT = (
     "Agents are numbered 1, 2, 3; depends_on lists the earlier agents whose results a task receives. "
     "Each task must be complete on its own. Optional per agent: "
     '"for_each": N runs a copy per N items of the list its first dependency returned; '
-        '"keep": "COLUMN OP VALUE" drops the rows of its table that fail that condition. '
+    '"for_range": "all the N by C" runs a copy per C numbers from 1 to N, its task naming {start} and {end}; '
+    '"keep": "COLUMN OP VALUE" drops the rows of its table that fail that condition. '
     "Copies run in parallel. No double quotes or line breaks inside "
     'texts. "concat" joins the results; "llm" merges them in a last step, following aggregate_prompt if given.'
 )

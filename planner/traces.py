@@ -35,11 +35,13 @@ from pathlib import Path
 from typing import Any
 
 from planner.envs.base import Task
+from planner.envs.corpus import CITY_LIST_PART, NAME_LIST_PART, part_word
 from planner.envs.geodata import (CONTINENT_NAMES, LANGUAGE_NAMES, Country, GeoData, format_int, language_name,
                                   split_of_country)
 from planner.plan_schema import CompactAgent, CompactPlan, compact_plan_json
 from planner.prompts import PLAN_MODE_PROMPT, SUBAGENT_SYSTEM_PROMPT
-from swarm.fan_out import chunk_text, chunks, copy_spec, list_items as fan_out_items, merge_results
+from swarm.fan_out import (chunk_text, chunks, copy_id, copy_spec, list_items as fan_out_items, merge_results, range_task,
+                           range_windows)
 from swarm.messages import compose_task_message, concat_results
 from swarm.orchestrator import ASSIGN_TASK, CREATE_SUBAGENT, orchestrator_system_prompt, orchestrator_tools
 from swarm.plans import JobSpec
@@ -52,12 +54,17 @@ KINDS: tuple[str, ...] = ("subagent", "orchestrator_tools", "orchestrator_plan",
 AGENT_NAME = "geo_researcher"
 # Bumped whenever the traces built from the same tasks change (their form, or the search ranking they
 # show): encoded data files are keyed by it, so a stale file is rebuilt, not reused.
-TRACE_VERSION = 5
+TRACE_VERSION = 7
 LOOKUP_CHUNK = 3  # entities per lookup sub-agent: each lookup shows ~600 characters of results
-# City ranks per sub-agent. Not a multiple of the 15-city list documents, so most sub-agents stop (and
-# start) inside a document, at the rank their task names; with 30, two in three stopped at a
-# document's end, and the policy learnt to copy documents to their end.
-CITY_CHUNK = 10
+# City ranks per sub-agent: one list document each (CITY_LIST_PART ranks), so a copy never crosses
+# from one search result to another, where stage 17's copies of 10 (windows 11-20, 21-30 ...) looped.
+# Only a task's last window can stop inside a document, at the rank its task names (version 6); the
+# windows that end where their document ends are kept one time in FULL_WINDOW_KEEP_EVERY (version 7):
+# with all of them (~4 in 5 windows), stage 18 copied every window to its document's end, 3 cities
+# asked for and 15 written.
+CITY_CHUNK = CITY_LIST_PART
+FULL_WINDOW_KEEP_EVERY = 4
+PARTS_LABEL = "Parts: "
 # A language filter keeps no country in two chunks of three out of three. Sub-agent conversations of
 # language chunks that keep no country are kept only one time in EMPTY_KEEP_EVERY (chosen by a hash,
 # so the data is reproducible): up to version 4 the policy learnt to answer every chunk with an empty
@@ -95,7 +102,7 @@ class TaskTrace:
     plan: CompactPlan
     plan_answer: str  # what the runtime returns for the plan (concat, or the aggregation's answer)
     dropped_conversations: int = 0  # conversations left out because they showed a test entity
-    balanced_out: int = 0  # empty-answer language-chunk conversations left out (EMPTY_KEEP_EVERY)
+    balanced_out: int = 0  # left out for balance: empty language chunks, city windows ending at a document end
 
 
 @dataclass
@@ -255,7 +262,7 @@ def run_paged_list(index: CorpusIndex, queries: list[str], doc_prefix: str, n_pa
     return run.messages, run.answer(list_answer(ordered, spaced), ordered), ordered
 
 
-def city_task_text(country: str, start: int, end: int) -> str:
+def city_task_text(country: str, start: int | str, end: int | str) -> str:
     # The rank column is the stopping cue: a row whose rank is `end` is the last one.
     return (f"List the cities of {country} ranked {start} to {end} by population in GeoNames, with the "
             f"population of each. Answer with a markdown table whose columns are: rank, city, population.")
@@ -265,12 +272,14 @@ def run_city_ranks(index: CorpusIndex, data: GeoData, iso: str, start: int, end:
     c = data.country(iso)
     cities = data.cities_of(iso)[start - 1 : end]
     run = _SubAgentRun(index, city_task_text(c.name, start, end))
-    part_size = 15
+    part_size = CITY_LIST_PART
     parts = range((start - 1) // part_size + 1, (end - 1) // part_size + 2)
     searches = []
     for p in parts:
         s, e = (p - 1) * part_size + 1, min(p * part_size, len(data.cities_of(iso)))
-        searches.append(_find_doc(index, f"list:cities:{iso}:{p}", [
+        # A window inside one document is searched with the task's own numbers (copied, not computed).
+        own = [f"Most populous cities of {c.name} ranks {start} to {end}"] if len(parts) == 1 else []
+        searches.append(_find_doc(index, f"list:cities:{iso}:{p}", [*own,
             f"Most populous cities of {c.name} ranks {s} to {e}", f"Cities of {c.name} by population ranks {s} to {e}",
             f"Most populous cities of {c.name}"], max_k=len(parts) + 4))
     run.step(searches)
@@ -280,10 +289,50 @@ def run_city_ranks(index: CorpusIndex, data: GeoData, iso: str, start: int, end:
     return run.messages, run.answer(table, needed)
 
 
-def _keep_empty(task_id: str, key: str) -> bool:
-    """Whether an empty-answer chunk conversation stays in the data: one in EMPTY_KEEP_EVERY, by a
-    stable hash (Python's hash() is salted per process)."""
-    return zlib.crc32(f"{task_id}/{key}".encode()) % EMPTY_KEEP_EVERY == 0
+def parts_task_text(list_words: str) -> str:
+    """The task of naming a list's parts; `list_words`: "countries and territories of Africa"."""
+    return (f"Find how many parts the alphabetical list of {list_words} has. "
+            "Answer with the part numbers separated by '; '.")
+
+
+def continent_parts_text(cname: str) -> str:
+    return parts_task_text(f"countries and territories of {cname}")
+
+
+def continent_part_text(cname: str) -> str:
+    return (f"List the countries and territories of {cname} in the part of their alphabetical list that you "
+            "receive. Answer with their names separated by '; '.")
+
+
+def run_list_parts(index: CorpusIndex, doc_prefix: str, list_words: str, n_parts: int) -> tuple[list[dict], str]:
+    """One search for a list (documents `doc_prefix`1..n): any part's title says "(... part of N)";
+    the answer names the parts first to N-th in words (corpus.part_word), the words a part's title is
+    found by."""
+    run = _SubAgentRun(index, parts_task_text(list_words))
+    title = list_words[0].upper() + list_words[1:]
+    q, k = _find_doc(index, f"{doc_prefix}1", [f"{title} alphabetical", title])
+    ids = run.step([(q, 1)])[0]
+    if not ids or not ids[0].startswith(doc_prefix):
+        raise TraceError(f"the search {q!r} shows no part of the list of {list_words}")
+    return run.messages, run.answer(PARTS_LABEL + "; ".join(part_word(p) for p in range(1, n_parts + 1)),
+                                    [f"part of {n_parts})"])
+
+
+def run_continent_part(index: CorpusIndex, code: str, cname: str, part: int, names: list[str], user: str
+                       ) -> tuple[list[dict], str]:
+    """One part of a continent's list: one search for it, its names copied in order. Labelled in
+    either name form: the runtime merges the parts' lists into one only when they share a label."""
+    run = _SubAgentRun(index, user)
+    word = part_word(part)
+    run.step([_find_doc(index, f"list:continent:{code}:{part}", [f"Countries and territories of {cname} {word} part",
+                                                                f"{cname} {word} part"], max_k=3)])
+    return run.messages, run.answer(list_answer(names, spaced=True), names)
+
+
+def _keep_one_in(task_id: str, key: str, every: int = EMPTY_KEEP_EVERY) -> bool:
+    """Whether a conversation thinned for balance stays in the data: one in `every`, by a stable hash
+    (Python's hash() is salted per process)."""
+    return zlib.crc32(f"{task_id}/{key}".encode()) % every == 0
 
 
 # --------------------------------------------------------------------------------- per-template plans
@@ -349,7 +398,7 @@ class TraceBuilder:
             members = self.data.countries_in(code)
             cname = CONTINENT_NAMES[code]
             text = f"List all countries and territories of {cname}. Answer with their names separated by '; '."
-            n_parts = math.ceil(len(members) / 25)
+            n_parts = math.ceil(len(members) / NAME_LIST_PART)
             msgs, ans, order = run_paged_list(self.index, [f"Countries and territories of {cname} alphabetical",
                                                    f"Countries and territories of {cname}"],
                                        f"list:continent:{code}:", n_parts, [c.name for c in members], text,
@@ -403,31 +452,40 @@ class TraceBuilder:
     def _build_cities(self, task: Task) -> TaskTrace:
         iso = task.meta["params"]["country"]
         n = task.meta["params"]["n"]
+        # Plan form: one range agent, its windows one list document each. The count is written as
+        # "the N", after the word the task puts before it ("What are the 120 most ..."): stage 17,
+        # writing a copy per window, wrote 5 agents for 10 cities and for 120, and wrong ranges.
+        plan = CompactPlan(agents=[CompactAgent(name="cities", task=city_task_text(self.data.country(iso).name, "{start}", "{end}"),
+                                                for_range=f"all the {n} by {CITY_CHUNK}")], aggregate="concat")
+        (node,) = plan.to_swarm_plan().subagents
+        assert node.for_range is not None
         subs = []
-        for s in range(1, n + 1, CITY_CHUNK):
-            e = min(n, s + CITY_CHUNK - 1)
+        for k, (s, e) in enumerate(range_windows(node.for_range), start=1):
             msgs, ans = run_city_ranks(self.index, self.data, iso, s, e)
-            subs.append(_SubTask(f"{AGENT_NAME}-{len(subs) + 1}", msgs[1]["content"], msgs, ans))
+            if msgs[1]["content"] != compose_task_message(range_task(node.task, s, e), []):
+                raise TraceError(f"task {task.id}: a window's task differs from the runtime's")
+            subs.append(_SubTask(copy_id(node.id, k), msgs[1]["content"], msgs, ans))
         final_rows = [[r["city"], r["population"]] for r in task.gold]
         final = markdown_table(task.columns, final_rows)
         orch = self._tool_form(task, [subs], final)
         # The sub-agents' tables are the answer as they stand (concat): the scorer reads every table
         # whose header names the key column, and an aggregation step that rewrote 120 rows was where
-        # the large tasks were lost (trace version 3). One agent per range, written out: a range agent
-        # (for_range) would need n copied into a number with no words before it, which the policy
-        # does not do (docs/policy.md, Session 12).
-        plan = CompactPlan(agents=[CompactAgent(name="cities", task=s.task) for s in subs], aggregate="concat")
-        convs = [Conversation("subagent", task.id, "top_cities", s.messages, self.search_tools) for s in subs]
+        # the large tasks were lost (trace version 3).
+        windows = range_windows(node.for_range)
+        kept = [s for s, (_, e) in zip(subs, windows)
+                if e % CITY_LIST_PART or _keep_one_in(task.id, s.id, FULL_WINDOW_KEEP_EVERY)]
+        convs = [Conversation("subagent", task.id, "top_cities", s.messages, self.search_tools) for s in kept]
         convs.append(orch)
         convs.append(self._plan_conv(task, plan))
-        results = [(spec, s.answer) for spec, s in zip(plan.to_swarm_plan().subagents, subs)]
-        return TaskTrace(task, convs, final, plan, concat_results(results))
+        merged = merge_results([(copy_spec(node, k), s.answer) for k, s in enumerate(subs, start=1)])
+        return TaskTrace(task, convs, final, plan, concat_results([(node, merged)]), balanced_out=len(subs) - len(kept))
 
     def _build_listing(self, task: Task) -> TaskTrace:
         t = task.meta["template"]
         list_text, list_msgs, list_ans, entities = self._lister(task)
         lookup_attrs, keep_fn, keep = self._filter(task)
         lister = _SubTask(f"{AGENT_NAME}-1", list_text, list_msgs, list_ans)
+        tool_entities = entities
         # Tool form: the orchestrator reads the list, then splits the lookups in chunks of 3.
         lookups = self._lookups(entities, lookup_attrs, AGENT_NAME)
         for i, s in enumerate(lookups):
@@ -438,38 +496,75 @@ class TraceBuilder:
             raise TraceError(f"task {task.id}: the oracle's rows differ from the gold rows")
         final = markdown_table(task.columns, [[_country_value(c, col) for col in task.columns] for c in rows])
         orch = self._tool_form(task, [[lister], lookups], final)
-        # Plan form: lister -> a fan-out filler, one copy per LOOKUP_CHUNK listed countries, each
+        # Plan form. Neighbours: lister -> filler. Continents (language tasks list the continent too):
+        # parts -> a lister per part (for_each 1) -> filler, so each copy copies one list document:
+        # stage 17's one lister of Africa's 58 names jumped between the three documents and looped
+        # (version 6). The filler is a fan-out, one copy per LOOKUP_CHUNK listed countries, each
         # seeing only its chunk of the list (swarm.fan_out renders it exactly so at run time). The
-        # copies write every row with the column the task's condition reads; the plan's `keep` filter
-        # (swarm.row_filter, applied by the runtime to each copy's table) drops the rows that fail it,
-        # since a small model copies rows well and decides them badly (trace version 5).
+        # copies write every row with the column the task's condition reads; the plan's `keep`
+        # filter (swarm.row_filter, applied by the runtime to each copy's table) drops the rows
+        # that fail it, since a small model copies rows well and decides them badly (version 5).
         filler_text = (f"For each country in the list you receive, give {_listing([ATTR_TEXT[a] for a in lookup_attrs])}."
                        f" Answer with a markdown table whose columns are: {', '.join(['country', *lookup_attrs])}.")
-        plan = CompactPlan(agents=[CompactAgent(name="lister", task=list_text),
-                                   CompactAgent(name="filler", task=filler_text, depends_on=[1], for_each=LOOKUP_CHUNK,
-                                                keep=keep)],
+        # The list answers of the plan's listing agents, in plan order.
+        convs: list[Conversation] = []
+        if t == "neighbours":
+            listers = [CompactAgent(name="lister", task=list_text)]
+            list_answers = [lister.answer]
+            convs.append(Conversation("subagent", task.id, t, lister.messages, self.search_tools))
+        else:
+            code = task.meta["params"]["continent"]
+            cname = CONTINENT_NAMES[code]
+            members = self.data.countries_in(code)
+            by_part = chunks([c.name for c in members], NAME_LIST_PART)
+            parts_msgs, parts_ans = run_list_parts(self.index, f"list:continent:{code}:",
+                                                   f"countries and territories of {cname}", len(by_part))
+            listers = [CompactAgent(name="parts", task=continent_parts_text(cname)),
+                       CompactAgent(name="lister", task=continent_part_text(cname), depends_on=[1], for_each=1)]
+            parts_spec, part_spec = CompactPlan(agents=listers).to_swarm_plan().subagents
+            convs.append(Conversation("subagent", task.id, t, parts_msgs, self.search_tools))
+            part_answers = []
+            for k, names in enumerate(by_part, start=1):
+                user = compose_task_message(part_spec.task, [(parts_spec, chunk_text(PARTS_LABEL, [part_word(k)]))])
+                msgs, ans = run_continent_part(self.index, code, cname, k, names, user)
+                convs.append(Conversation("subagent", task.id, t, msgs, self.search_tools))
+                part_answers.append((copy_spec(part_spec, k), ans))
+            list_answers = [parts_ans, merge_results(part_answers)]
+            if t == "language_countries":
+                # The language's own list named in parts too (not in the plan): mostly one part (a
+                # test continent's list can be one, South America's), where continents of the train
+                # split but Antarctica have two or three (version 7).
+                lang = task.meta["params"]["language"]
+                n_lang = math.ceil(sum(lang in c.languages for c in self.data.countries.values()) / NAME_LIST_PART)
+                l_msgs, _ = run_list_parts(self.index, f"list:language:{lang}:",
+                                           f"countries and territories where {LANGUAGE_NAMES[lang]} is spoken", n_lang)
+                convs.append(Conversation("subagent", task.id, t, l_msgs, self.search_tools))
+            entities = [c for names in by_part for c in _in_order(members, names)]
+        plan = CompactPlan(agents=[*listers, CompactAgent(name="filler", task=filler_text, depends_on=[len(listers)],
+                                                          for_each=LOOKUP_CHUNK, keep=keep)],
                            aggregate="concat")
-        lister_spec, filler_spec = plan.to_swarm_plan().subagents
-        label, items = fan_out_items(list_ans)
+        nodes = plan.to_swarm_plan().subagents
+        filler_spec = nodes[-1]
+        label, items = fan_out_items(list_answers[-1])
         if items != [c.name for c in entities]:
-            raise TraceError(f"task {task.id}: the lister's answer does not split into its countries")
+            raise TraceError(f"task {task.id}: the listers' answer does not split into its countries")
         parts = chunks(entities, LOOKUP_CHUNK)
         copies = []
         for k, part in enumerate(parts, start=1):
-            user = compose_task_message(filler_text, [(lister_spec, chunk_text(label, [c.name for c in part]))])
+            user = compose_task_message(filler_text, [(nodes[-2], chunk_text(label, [c.name for c in part]))])
             f_msgs, f_ans = run_lookup(self.index, part, lookup_attrs, user, self.spaced)
             copies.append((copy_spec(filler_spec, k), f_msgs, f_ans))
         # (id, messages, the chunk's countries): the tool form's lookups, then the plan form's copies
-        chunk_convs = [(s.id, s.messages, part) for s, part in zip(lookups, parts)]
+        chunk_convs = [(s.id, s.messages, part) for s, part in zip(lookups, chunks(tool_entities, LOOKUP_CHUNK))]
         chunk_convs += [(spec.id, msgs, part) for (spec, msgs, _), part in zip(copies, parts)]
         kept = [msgs for key, msgs, part in chunk_convs
-                if t != "language_countries" or any(keep_fn(c) for c in part) or _keep_empty(task.id, key)]
-        convs = [Conversation("subagent", task.id, t, lister.messages, self.search_tools)]
+                if t != "language_countries" or any(keep_fn(c) for c in part) or _keep_one_in(task.id, key)]
+        # (A continent's tool form keeps its one lister of the whole list, not trained since version 6.)
         convs += [Conversation("subagent", task.id, t, msgs, self.search_tools) for msgs in kept]
         convs.append(orch)
         convs.append(self._plan_conv(task, plan))
         merged = merge_results([(spec, filter_answer(filler_spec.keep_rows, ans)[0]) for spec, _, ans in copies])
-        plan_answer = concat_results([(lister_spec, list_ans), (filler_spec, merged)])
+        plan_answer = concat_results([*zip(nodes[:-1], list_answers), (filler_spec, merged)])
         return TaskTrace(task, convs, final, plan, plan_answer, balanced_out=len(chunk_convs) - len(kept))
 
     # ---- orchestrator conversations ------------------------------------------------------------
@@ -553,7 +648,7 @@ class SynthesisReport:
     dropped: Counter = field(default_factory=Counter)  # "template: reason" -> tasks skipped
     conversations: Counter = field(default_factory=Counter)  # kind -> conversations kept
     leaky_conversations: int = 0  # conversations left out for showing a test-split entity
-    balanced_out: int = 0  # empty-answer language-chunk conversations left out (EMPTY_KEEP_EVERY)
+    balanced_out: int = 0  # left out for balance: empty language chunks, city windows ending at a document end
 
     def as_dict(self) -> dict[str, Any]:
         return {"tasks_seen": self.tasks_seen, "tasks_used": self.tasks_used, "dropped": dict(self.dropped),

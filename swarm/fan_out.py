@@ -118,10 +118,17 @@ def copy_spec(parent: SubAgentSpec, k: int, task: str | None = None) -> SubAgent
 
 def merge_results(results: list[tuple[SubAgentSpec, str]]) -> str:
     """The copies' answers as one: markdown tables that share one header become one table (rows in
-    copy order, a copy that kept no row adds none); anything else is each answer under its label."""
+    copy order, a copy that kept no row adds none); one-line lists that share a label ("Countries: A; B")
+    become one list, so a fan-out can split a fan-out's result again (listers of a list's parts, then
+    fillers of its items); anything else is each answer under its label."""
     tables = [t for t in (_table_rows(text) for _, text in results) if t is not None]
     if results and len(tables) == len(results) and len({_norm_header(h) for h, _ in tables}) == 1:
         return "\n".join([tables[0][0], *(row for _, body in tables for row in body)])
+    if results and not tables and all("\n" not in text.strip() for _, text in results):  # one-line lists only
+        lists = [list_items(text) for _, text in results]
+        labels = {label.strip().casefold() for label, _ in lists}
+        if len(labels) == 1 and labels != {""}:
+            return chunk_text(lists[0][0], [item for _, items in lists for item in items])
     return concat_results(results)
 
 

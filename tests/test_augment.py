@@ -141,3 +141,20 @@ def test_places_and_countries_fake_names_mix_train_countries_in(traces):
     fake = fake_entity_copy(conv, task_entities(tr), "pc/0", names="places+countries")
     joined = "\n".join(t for _, t in _texts(fake))
     assert not any(re.search(r"(?<!\w)" + re.escape(e) + r"(?!\w)", joined) for e in task_entities(tr))
+
+
+def test_the_parts_of_a_list_keep_their_words(traces):
+    """A continent plan's parts lister answers "Parts: first; second; third": words it counts out and
+    each part's title is searched by, not names, so a fake copy keeps them."""
+    from planner.traces import PARTS_LABEL
+
+    checked = 0
+    for tr in traces:
+        entities = task_entities(tr)
+        for i, conv in enumerate(tr.conversations):
+            answer = conv.messages[-1]["content"]
+            if conv.kind == "subagent" and answer.startswith(PARTS_LABEL):
+                assert not {"first", "second", "Parts: first"} & set(entities)
+                assert fake_entity_copy(conv, entities, f"p/{i}").messages[-1]["content"] == answer
+                checked += 1
+    assert checked

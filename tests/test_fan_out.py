@@ -47,3 +47,21 @@ def test_copies_share_the_role_and_merge_tables_with_one_header():
     # different headers or prose: each answer under its label
     mixed = merge_results([(c1, "| a |\n|---|\n| 1 |"), (c2, "no table here")])
     assert "## filler-2.1 (filler)\n| a |" in mixed and "## filler-2.2 (filler)\nno table here" in mixed
+
+
+def test_lists_with_one_label_merge_into_one_list_that_splits_again():
+    parent = SubAgentSpec(id="lister-2", name="lister", task="t", tools=["search"], depends_on=["parts-1"],
+                          for_each=ForEach(source="parts-1", chunk=1))
+    c1, c2 = copy_spec(parent, 1), copy_spec(parent, 2)
+    merged = merge_results([(c1, "Countries: Peru; Chile"), (c2, "countries:  Bolivia; Peru")])
+    assert merged == "Countries: Peru; Chile; Bolivia; Peru"
+    label, items = list_items(merged)
+    assert label == "Countries: " and distinct(items) == ["Peru", "Chile", "Bolivia"]
+    # lists under different labels, or unlabelled ones, stay apart
+    apart = merge_results([(c1, "Countries: Peru"), (c2, "Cities: Lima")])
+    assert "## lister-2.1 (lister)\nCountries: Peru" in apart and "## lister-2.2 (lister)\nCities: Lima" in apart
+    bare = merge_results([(c1, "Peru; Chile"), (c2, "Bolivia")])
+    assert bare.startswith("## lister-2.1 (lister)")
+    # answers of several lines (prose, a message with its results) are never taken for lists
+    prose = merge_results([(c1, "Results: here\n\nmore"), (c2, "Results: there\n\nmore")])
+    assert prose.startswith("## lister-2.1 (lister)\nResults: here")

@@ -199,3 +199,51 @@ def test_a_keep_filter_reaches_the_node_and_the_grammar_admits_it():
     raw["agents"][1]["keep"] = "population more than many"
     with pytest.raises(PlanParseError, match="not a number"):
         parse_plan(json.dumps(raw))
+
+
+def test_a_range_agent_becomes_a_for_range_node_with_its_window_in_the_task():
+    plan = CompactPlan(agents=[
+        CompactAgent(name="cities", task="List the cities of Peru ranked {start} to {end}.", for_range="all the 50 by 15"),
+        CompactAgent(name="pages", task="Read the results.", for_range="all the 7 by 3"),  # no {start}/{end}
+    ])
+    text = compact_plan_json(plan)
+    assert '"depends_on": [], "for_range": "all the 50 by 15"}' in text
+    cities, pages = parse_plan(text).subagents
+    assert cities.for_range is not None and (cities.for_range.start, cities.for_range.end, cities.for_range.chunk) == (1, 50, 15)
+    assert cities.task == "List the cities of Peru ranked {start} to {end}."
+    assert pages.task == "Read the results. Your part: {start} to {end}." and pages.for_range.chunk == 3
+    _grammar_admits_whole(text)
+    # unconstrained models may write "S to E by C"; a phrase it cannot read is named
+    raw = json.loads(text)
+    raw["agents"][0]["for_range"] = "the 30 by 5"
+    fr = parse_plan(json.dumps(raw)).subagents[0].for_range
+    assert (fr.start, fr.end, fr.chunk) == (1, 30, 5)
+    raw["agents"][0]["for_range"] = "16 to 30 by 5"
+    fr = parse_plan(json.dumps(raw)).subagents[0].for_range
+    assert (fr.start, fr.end, fr.chunk) == (16, 30, 5)
+    for bad, fragment in (("all the fifty by 15", "is not 'all the N by C'"), ("30 to 16 by 5", "below its start"),
+                          ("all the 50 by 0", "greater than or equal to 1")):
+        raw["agents"][0]["for_range"] = bad
+        with pytest.raises(PlanParseError, match=fragment):
+            parse_plan(json.dumps(raw))
+    # for_each and for_range together: an agent fans out one way
+    raw = json.loads(text)
+    raw["agents"][1].update(depends_on=[1], for_each=2)
+    with pytest.raises(PlanParseError, match="both for_each and for_range"):
+        parse_plan(json.dumps(raw))
+
+
+def test_range_windows_widen_to_keep_the_copies_within_max_subagents():
+    plan = CompactPlan(agents=[CompactAgent(name="lister", task="List them."),
+                               CompactAgent(name="rows", task="Rows {start} to {end}.", for_range="all the 1000 by 1")])
+    text = compact_plan_json(plan)
+    limited = parse_plan(text, limits=Limits(max_subagents=10))
+    fr = limited.subagents[1].for_range
+    assert (fr.start, fr.end, fr.chunk) == (1, 1000, 112)  # 9 windows: with the lister, 10 agents
+    assert parse_plan(text).subagents[1].for_range.chunk == 11  # 100 agents: 91 windows
+    # the grammar admits only "all the N by C" with positive numbers, so what it admits is a valid plan
+    tok, matcher = _grammar_admits_whole(text)
+    for bad in ('"all the 0 by 5"', '"1 to 9 by 2"', '"all the 5"', '"all the 5 by -1"', '"the 5 by 2"'):
+        matcher.reset()
+        text_bad = '{"agents": [{"name": "a", "task": "t", "depends_on": [], "for_range": ' + bad + '}'
+        assert not all(matcher.accept(i) for i in tok.encode(text_bad)), bad

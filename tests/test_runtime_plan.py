@@ -284,6 +284,26 @@ async def test_a_fan_out_node_runs_one_copy_per_chunk_of_its_sources_list(runtim
     assert status.metrics.subagents == 4 and status.metrics.total_steps == 4
 
 
+async def test_a_fan_out_splits_the_merged_lists_of_another_fan_out(runtime: SwarmRuntime) -> None:
+    """parts -> a lister per part -> a filler per listed item: the part listers' lists, one label,
+    merge into one list (repeats included), which the filler splits without its repeats."""
+    parts = SubAgentSpec(id="parts", task=script_task({"answer": "Parts: first; second; third"}))
+    lister = SubAgentSpec(id="lister", task=script_task({"answer": "Countries: Peru; Chile"}), depends_on=["parts"],
+                          for_each=ForEach(source="parts", chunk=1))
+    filler = SubAgentSpec(id="filler", task=script_task({"echo_task": True}, prefix="look up"),
+                          depends_on=["lister"], for_each=ForEach(source="lister", chunk=1))
+    events: list[Event] = []
+    status = await runtime.run_job(JobSpec(plan=SwarmPlan(subagents=[parts, lister, filler])), on_event=events.append)
+
+    assert status.state == JobState.succeeded, status.error
+    assert first(events, SubAgentFinished, "lister").result == "Countries: Peru; Chile; Peru; Chile; Peru; Chile"
+    copies = [e.agent_id for e in events if isinstance(e, SubAgentCreated) and e.fan_out_of == "filler"]
+    assert copies == ["filler.1", "filler.2"]
+    assert "### Result of lister\nCountries: Peru\n" in first(events, SubAgentFinished, "filler.1").result
+    assert "### Result of lister\nCountries: Chile\n" in first(events, SubAgentFinished, "filler.2").result
+    assert status.metrics.critical_steps == 3 and status.metrics.subagents == 1 + 3 + 2
+
+
 async def test_a_fan_out_fails_clearly_on_an_empty_list_or_too_many_copies(runtime: SwarmRuntime) -> None:
     def plan(answer: str, chunk: int) -> SwarmPlan:
         return SwarmPlan(subagents=[

@@ -9,16 +9,18 @@ import re
 import jsonschema
 import pytest
 
-from swarm.fan_out import chunk_text, chunks, list_items as fan_out_items
+from swarm.fan_out import chunk_text, chunks, list_items as fan_out_items, range_task, range_windows
 from swarm.messages import compose_task_message
 
 from model_shards.chat_template import IM_END, parse_assistant, render
 from model_shards.tokenizer import ByteTokenizer
 from planner.envs import get_env
+from planner.envs.corpus import part_word
 from planner.envs.geodata import split_of_country
 from planner.plan_schema import parse_plan
 from planner.traces import (
     CITY_CHUNK,
+    PARTS_LABEL,
     TraceBuilder,
     TraceError,
     encode_conversation,
@@ -50,6 +52,20 @@ def _convs(traced):
     return [c for tr in traced[1] for c in tr.conversations]
 
 
+def _is_parts(c) -> bool:
+    """A continent plan's first sub-agent: it names the list's parts (counting, not copying)."""
+    return c.kind == "subagent" and "part numbers" in c.messages[1]["content"]
+
+
+def _sections(answer: str) -> dict[str, str]:
+    """A "concat" answer's result per node id ("## <id> (<name>)" headings, swarm.messages)."""
+    out = {}
+    for block in ("\n\n" + answer).split("\n\n## ")[1:]:
+        head, _, body = block.partition("\n")
+        out[head.split(" ")[0]] = body
+    return out
+
+
 def test_most_tasks_give_traces_of_every_kind(traced):
     tasks, traces, report = traced
     assert report.tasks_seen == 8 and report.tasks_used == len(traces) >= 6
@@ -73,7 +89,8 @@ def test_final_answers_score_full_item_f1(env, traced):
 
 def test_list_answers_copy_the_order_their_results_show(traced):
     """A lister writes names in the order its search results list them (a copy; never a sort)."""
-    listers = [c for c in _convs(traced) if c.kind == "subagent" and "separated by '; '" in c.messages[1]["content"]]
+    listers = [c for c in _convs(traced) if c.kind == "subagent" and "separated by '; '" in c.messages[1]["content"]
+               and not _is_parts(c)]
     assert {c.template for c in listers} >= {"neighbours", "continent_countries"}
     for c in listers:
         shown = "\n".join(m["content"] for m in c.messages if m["role"] == "tool")
@@ -83,6 +100,19 @@ def test_list_answers_copy_the_order_their_results_show(traced):
                      for n in names]
         assert -1 not in positions, (c.task_id, names)
         assert positions == sorted(positions), (c.task_id, names)
+
+
+def test_parts_listers_name_every_part_of_the_list_in_words(traced):
+    """Version 6: the first agent of a continent plan reads "(... part of N)" in any part's title and
+    names the parts first to N-th, the words each part's title is searched by. Version 7 adds, to a
+    language task, the same for the language's own list (mostly one part)."""
+    parts = [c for c in _convs(traced) if _is_parts(c)]
+    assert {c.template for c in parts} == {"continent_countries", "language_countries"}
+    assert any(" is spoken " in c.messages[1]["content"] for c in parts)
+    for c in parts:
+        shown = "\n".join(m["content"] for m in c.messages if m["role"] == "tool")
+        n = int(re.search(r"\((?:first|second|third|fourth|fifth) part of (\d+)\)", shown).group(1))
+        assert c.messages[-1]["content"] == PARTS_LABEL + "; ".join(part_word(k) for k in range(1, n + 1))
 
 
 def test_plans_validate_and_parse_back(traced):
@@ -97,47 +127,64 @@ def test_plans_validate_and_parse_back(traced):
 
 
 def test_listing_plans_fan_out_over_the_listers_answer_as_the_runtime_does(traced):
-    """A listing plan's filler has for_each: each copy's conversation opens with exactly the message
-    swarm.fan_out renders for its chunk of the lister's answer, and a city sub-agent writes ranks."""
+    """Every for_each node of a listing plan (a continent's part listers, every filler): each copy's
+    conversation opens with exactly the message swarm.fan_out renders for its chunk of its source's
+    answer, in chunk order; the part listers' lists merge into the one the filler splits."""
     seen = set()
     for tr in traced[1]:
         t = tr.task.meta["template"]
-        plan = tr.plan.to_swarm_plan()
         if t == "top_cities":
-            for c in tr.conversations:
-                if c.kind == "subagent":
-                    header, *_, last = c.messages[-1]["content"].splitlines()
-                    end = int(re.search(r"ranked \d+ to (\d+)", c.messages[1]["content"]).group(1))
-                    assert header == "| rank | city | population |" and last.startswith(f"| {end} |")
             continue
-        lister, filler = plan.subagents
-        assert filler.for_each is not None and filler.for_each.source == lister.id
-        list_answer = next(c.messages[-1]["content"] for c in tr.conversations
-                           if c.kind == "subagent" and c.messages[1]["content"] == lister.task)
-        label, items = fan_out_items(list_answer)
-        expected = [compose_task_message(filler.task, [(lister, chunk_text(label, part))])
-                    for part in chunks(items, filler.for_each.chunk)]
-        copies = [c.messages[1]["content"] for c in tr.conversations
-                  if c.kind == "subagent" and c.messages[1]["content"].endswith(filler.task)]
-        # (a copy whose search showed a test-split country is dropped, like any such conversation)
-        assert copies and all(c in expected for c in copies), tr.task.id
-        assert [expected.index(c) for c in copies] == sorted(expected.index(c) for c in copies)
+        nodes = tr.plan.to_swarm_plan().subagents
+        answers = _sections(tr.plan_answer)
+        assert [n.for_each is not None for n in nodes] == ([False, True] if t == "neighbours" else [False, True, True])
+        for node in nodes:
+            if node.for_each is None:
+                continue
+            source = next(n for n in nodes if n.id == node.for_each.source)
+            assert source is nodes[nodes.index(node) - 1]
+            label, items = fan_out_items(answers[source.id])
+            expected = [compose_task_message(node.task, [(source, chunk_text(label, part))])
+                        for part in chunks(items, node.for_each.chunk)]
+            copies = [c.messages[1]["content"] for c in tr.conversations
+                      if c.kind == "subagent" and c.messages[1]["content"].endswith("\n" + node.task)]
+            # (a copy whose search showed a test-split country is dropped, like any such conversation)
+            assert copies and all(c in expected for c in copies), tr.task.id
+            assert [expected.index(c) for c in copies] == sorted(expected.index(c) for c in copies)
+        if t != "neighbours":  # the part listers' lists, merged: the whole continent in list order
+            listed = fan_out_items(answers[nodes[1].id])[1]
+            assert len(listed) == len(set(listed)) >= len(tr.task.gold) and answers[nodes[1].id].startswith("Countries: ")
         seen.add(t)
     assert seen == {"continent_countries", "neighbours", "language_countries"}
 
 
-def test_city_plans_give_each_agent_ten_ranks_in_order_and_concatenate(traced):
-    """Top-cities plans: agents of at most CITY_CHUNK ranks that cover 1..n in order, answered as the
-    sub-agents wrote them ("concat"); no aggregation conversation."""
+def test_city_plans_are_one_range_agent_whose_windows_are_list_documents(traced):
+    """Top-cities plans (version 6): one agent with for_range "all the N by CITY_CHUNK", N copied from the
+    task; each window's conversation opens with the runtime's task for it and ends at its last rank;
+    answered as the sub-agents wrote them ("concat"); no aggregation conversation."""
     cities = [tr for tr in traced[1] if tr.task.meta["template"] == "top_cities"]
     assert cities
     for tr in cities:
         n = tr.task.meta["params"]["n"]
-        ranges = [tuple(map(int, re.search(r"ranked (\d+) to (\d+)", a.task).groups())) for a in tr.plan.agents]
-        assert ranges[0][0] == 1 and ranges[-1][1] == n
-        assert all(e - s + 1 <= CITY_CHUNK for s, e in ranges)
-        assert all(nxt[0] == prev[1] + 1 for prev, nxt in zip(ranges, ranges[1:]))
-        assert tr.plan.aggregate == "concat" and all(not a.depends_on for a in tr.plan.agents)
+        (agent,) = tr.plan.agents
+        assert agent.for_range == f"all the {n} by {CITY_CHUNK}" and f" the {n} " in tr.task.prompt
+        (node,) = tr.plan.to_swarm_plan().subagents
+        windows = range_windows(node.for_range)
+        assert windows[0][0] == 1 and windows[-1][1] == n
+        convs = [c for c in tr.conversations if c.kind == "subagent"]
+        tasks = [range_task(node.task, s, e) for s, e in windows]
+        # every window that stops inside its document stays; those ending at a document's end are
+        # thinned (version 7), so that stopping at the asked rank is not outweighed
+        shown = [tasks.index(c.messages[1]["content"]) for c in convs]
+        assert shown == sorted(set(shown))
+        assert {k for k, (_, e) in enumerate(windows) if e % CITY_CHUNK} <= set(shown)
+        assert tr.balanced_out == len(windows) - len(convs)
+        for c, (s, e) in zip(convs, [windows[k] for k in shown]):
+            searches = [m for m in c.messages if m["role"] == "tool"]
+            assert len(searches) == 1 and f"ranks {s} to" in searches[0]["content"]  # one document
+            header, *_, last = c.messages[-1]["content"].splitlines()
+            assert header == "| rank | city | population |" and last.startswith(f"| {e} |")
+        assert tr.plan.aggregate == "concat"
         assert not [c for c in tr.conversations if c.kind == "aggregate"]
 
 
@@ -148,10 +195,10 @@ def test_language_chunks_that_keep_no_country_are_mostly_left_out(traced):
         t = tr.task.meta["template"]
         if t == "top_cities":
             continue
-        lister_task = tr.plan.agents[0].task
-        chunk_convs = [c for c in tr.conversations
-                       if c.kind == "subagent" and c.messages[1]["content"] != lister_task]
-        listed = fan_out_items(tr.plan_answer.split("\n\n")[0].split("\n", 1)[1])[1]
+        filler = tr.plan.to_swarm_plan().subagents[-1]
+        chunk_convs = [c for c in tr.conversations if c.kind == "subagent" and (
+            c.messages[1]["content"].endswith("\n" + filler.task) or c.messages[1]["content"].startswith("Look up"))]
+        listed = fan_out_items(_sections(tr.plan_answer)[filler.for_each.source])[1]
         n_chunks = 2 * len(chunks(listed, 3))  # tool-form lookups and plan-form copies
         # (conversations that showed a test-split country are dropped as well)
         assert len(chunk_convs) + tr.balanced_out + tr.dropped_conversations >= n_chunks
@@ -190,7 +237,7 @@ def test_tool_results_are_the_real_search_output_and_answers_copy_them(env, trac
     corpus = env.corpus_path()
     checked = 0
     for c in _convs(traced):
-        if c.kind != "subagent":
+        if c.kind != "subagent" or _is_parts(c):  # (checked in test_parts_listers_...)
             continue
         calls = {call["id"]: json.loads(call["function"]["arguments"])
                  for m in c.messages if m["role"] == "assistant" for call in m.get("tool_calls") or []}
@@ -202,7 +249,7 @@ def test_tool_results_are_the_real_search_output_and_answers_copy_them(env, trac
         seen = "\n".join(m["content"] for m in results)
         answer = c.messages[-1]["content"]
         cells = [cell.strip() for line in answer.splitlines()[2:] for cell in line.strip("|").split("|")] \
-            if answer.startswith("|") else answer.split("; ")
+            if answer.startswith("|") else list_items(answer)
         for cell in cells:
             assert cell in seen, f"{cell!r} is not in the search results"
             checked += 1
@@ -305,8 +352,10 @@ def test_spaced_names_put_every_copied_name_after_a_space(env, traced):
             if c_sp.kind != "subagent":
                 continue
             answer, plain_answer = c_sp.messages[-1]["content"], c_pl.messages[-1]["content"]
-            if not answer.startswith("|"):  # a list: labelled, the same names in the same order
-                assert answer.startswith(LIST_LABEL) and list_items(answer) == plain_answer.split("; ")
+            if answer.startswith(PARTS_LABEL):  # names no country
+                assert answer == plain_answer
+            elif not answer.startswith("|"):  # a list: labelled, the same names in the same order
+                assert answer.startswith(LIST_LABEL) and list_items(answer) == list_items(plain_answer)
                 lists += 1
             for m in c_sp.messages:
                 for call in m.get("tool_calls") or []:
@@ -327,12 +376,12 @@ def test_filtering_plans_state_the_condition_as_keep_and_their_copies_write_ever
         t = tr.task.meta["template"]
         if t not in ("continent_countries", "language_countries"):
             continue
-        lister, filler = tr.plan.to_swarm_plan().subagents
+        *_, filler = tr.plan.to_swarm_plan().subagents
         keep = filler.keep_rows
         assert keep is not None and keep.column == ("population" if t == "continent_countries" else "languages")
         assert keep.op == (">" if t == "continent_countries" else "contains")
         # written in the task's own words, so the value follows the word it follows in the task
-        phrase = tr.plan.agents[1].keep
+        phrase = tr.plan.agents[-1].keep
         assert phrase.split(" ", 1)[1] in tr.task.prompt, (phrase, tr.task.prompt)
         assert keep.column in filler.task and "Keep only" not in filler.task
         for c in tr.conversations:

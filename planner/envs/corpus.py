@@ -25,7 +25,7 @@ from planner.envs.geodata import (
     load_geodata,
 )
 
-CORPUS_VERSION = "geo-v1"  # bump whenever the documents change: cached files are keyed by it
+CORPUS_VERSION = "geo-v2"  # bump whenever the documents change: cached files are keyed by it
 CITY_LIST_PART = 15  # the search tool shows ~600 characters per hit: keep a part within that
 NAME_LIST_PART = 25
 
@@ -36,6 +36,18 @@ def default_cache_dir() -> Path:
 
 def default_corpus_path() -> Path:
     return default_cache_dir() / f"corpus-{CORPUS_VERSION}.jsonl"
+
+
+# A list's parts are named by words: the search tool indexes words of two or more characters, so
+# "part 2" finds nothing that "part 1" does not, where "second part" finds the second part.
+PART_WORDS = ("first", "second", "third", "fourth", "fifth", "sixth", "seventh", "eighth", "ninth", "tenth")
+
+
+def part_word(part: int) -> str:
+    """'first', 'second', ... for a list's 1-based part number (up to 10)."""
+    if not 1 <= part <= len(PART_WORDS):
+        raise ValueError(f"a list has parts 1 to {len(PART_WORDS)}, not {part}")
+    return PART_WORDS[part - 1]
 
 
 def _ordinal(n: int) -> str:
@@ -92,7 +104,7 @@ def list_docs(data: GeoData) -> Iterator[dict[str, str]]:
         for part, (start, chunk) in enumerate(chunks, start=1):
             yield {
                 "id": f"list:continent:{code}:{part}",
-                "title": f"Countries and territories of {name} (part {part} of {len(chunks)})",
+                "title": f"Countries and territories of {name} ({part_word(part)} part of {len(chunks)})",
                 "text": (
                     f"Countries and territories of {name}, alphabetical, {start + 1} to {start + len(chunk)} "
                     f"of {len(members)}: {'; '.join(c.name for c in chunk)}."
@@ -115,7 +127,7 @@ def list_docs(data: GeoData) -> Iterator[dict[str, str]]:
             lang = LANGUAGE_NAMES[code]
             yield {
                 "id": f"list:language:{code}:{part}",
-                "title": f"Countries and territories where {lang} is spoken (part {part} of {len(chunks)})",
+                "title": f"Countries and territories where {lang} is spoken ({part_word(part)} part of {len(chunks)})",
                 "text": (
                     f"{lang} is among the languages of these countries and territories, {start + 1} to "
                     f"{start + len(chunk)} of {len(speakers)}: {'; '.join(c.name for c in chunk)}."
