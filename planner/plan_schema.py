@@ -30,6 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from planner.prompts import PLAN_MODE_PROMPT, SUBAGENT_SYSTEM_PROMPT
 from swarm.dag import PlanValidationError, validate_plan
+from swarm.fan_out import range_windows
 from swarm.plan_writer import PlanFormat
 from swarm.plans import MAX_SUBAGENTS, SUBAGENT_MAX_STEPS, ForEach, ForRange, Limits, SubAgentSpec, SwarmPlan
 from swarm.row_filter import NUMERIC_OPS, OP_WORDS, RowFilter
@@ -57,6 +58,8 @@ def _keep_pattern() -> str:
     number = r"-?[0-9][0-9,]{0,20}(\.[0-9]{1,6})?"
     value = r'[^"\\\x00-\x1f ][^"\\\x00-\x1f]{0,59}'
     return rf"^[A-Za-z][A-Za-z0-9_]{{0,39}} (({alt(numeric)}) {number}|({alt(text)}) {value})$"
+
+
 # "all the N by C" (the grammar's form) or "S to E by C": windows of C numbers from 1 (or S) to N (or E).
 # "all the N": the policy copies N after " the", the token before it in "What are the 120 most ...";
 # at the start of a string "the" is another token (no space), after which stage 18's first try wrote
@@ -152,7 +155,7 @@ class CompactPlan(BaseModel):
         if not n_ranged:
             return ranges
         budget = max(1, (max_subagents - (len(self.agents) - n_ranged)) // n_ranged)
-        return [r if r is None or -(-(r.end - r.start + 1) // r.chunk) <= budget
+        return [r if r is None or len(range_windows(r)) <= budget
                 else r.model_copy(update={"chunk": -(-(r.end - r.start + 1) // budget)}) for r in ranges]
 
     def to_swarm_plan(

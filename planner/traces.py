@@ -459,8 +459,9 @@ class TraceBuilder:
                                                 for_range=f"all the {n} by {CITY_CHUNK}")], aggregate="concat")
         (node,) = plan.to_swarm_plan().subagents
         assert node.for_range is not None
+        windows = range_windows(node.for_range)
         subs = []
-        for k, (s, e) in enumerate(range_windows(node.for_range), start=1):
+        for k, (s, e) in enumerate(windows, start=1):
             msgs, ans = run_city_ranks(self.index, self.data, iso, s, e)
             if msgs[1]["content"] != compose_task_message(range_task(node.task, s, e), []):
                 raise TraceError(f"task {task.id}: a window's task differs from the runtime's")
@@ -471,7 +472,6 @@ class TraceBuilder:
         # The sub-agents' tables are the answer as they stand (concat): the scorer reads every table
         # whose header names the key column, and an aggregation step that rewrote 120 rows was where
         # the large tasks were lost (trace version 3).
-        windows = range_windows(node.for_range)
         kept = [s for s, (_, e) in zip(subs, windows)
                 if e % CITY_LIST_PART or _keep_one_in(task.id, s.id, FULL_WINDOW_KEEP_EVERY)]
         convs = [Conversation("subagent", task.id, "top_cities", s.messages, self.search_tools) for s in kept]

@@ -25,6 +25,8 @@ _SEPARATOR_RE = re.compile(r"^\|?\s*:?-{3,}:?\s*(\|\s*:?-{3,}:?\s*)*\|?$")
 def is_separator(line: str) -> bool:
     """Whether `line` is a markdown table's header separator (|---|---|)."""
     return _SEPARATOR_RE.match(line.strip()) is not None
+
+
 # A number as tables write it: "5,000,000", "5 000 000", "-3.5", "1,234 km²".
 _NUMBER_RE = re.compile(r"[-+]?\d[\d,\s]*(?:\.\d+)?")
 
