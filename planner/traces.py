@@ -54,7 +54,7 @@ KINDS: tuple[str, ...] = ("subagent", "orchestrator_tools", "orchestrator_plan",
 AGENT_NAME = "geo_researcher"
 # Bumped whenever the traces built from the same tasks change (their form, or the search ranking they
 # show): encoded data files are keyed by it, so a stale file is rebuilt, not reused.
-TRACE_VERSION = 7
+TRACE_VERSION = 8
 LOOKUP_CHUNK = 3  # entities per lookup sub-agent: each lookup shows ~600 characters of results
 # City ranks per sub-agent: one list document each (CITY_LIST_PART ranks), so a copy never crosses
 # from one search result to another, where stage 17's copies of 10 (windows 11-20, 21-30 ...) looped.
@@ -289,14 +289,15 @@ def run_city_ranks(index: CorpusIndex, data: GeoData, iso: str, start: int, end:
     return run.messages, run.answer(table, needed)
 
 
-def parts_task_text(list_words: str) -> str:
-    """The task of naming a list's parts; `list_words`: "countries and territories of Africa"."""
-    return (f"Find how many parts the alphabetical list of {list_words} has. "
-            "Answer with the part numbers separated by '; '.")
+def parts_task_text(subject: str, list_words: str) -> str:
+    """The task of naming a list's parts. `subject` names its contents document (corpus.contents_doc:
+    "Africa"), `list_words` the list ("countries and territories of Africa")."""
+    return (f"Find the contents of the {subject} list, the alphabetical list of {list_words}, and name its parts. "
+            "Answer with the part words separated by '; '.")
 
 
 def continent_parts_text(cname: str) -> str:
-    return parts_task_text(f"countries and territories of {cname}")
+    return parts_task_text(cname, f"countries and territories of {cname}")
 
 
 def continent_part_text(cname: str) -> str:
@@ -304,18 +305,16 @@ def continent_part_text(cname: str) -> str:
             "receive. Answer with their names separated by '; '.")
 
 
-def run_list_parts(index: CorpusIndex, doc_prefix: str, list_words: str, n_parts: int) -> tuple[list[dict], str]:
-    """One search for a list (documents `doc_prefix`1..n): any part's title says "(... part of N)";
-    the answer names the parts first to N-th in words (corpus.part_word), the words a part's title is
-    found by."""
-    run = _SubAgentRun(index, parts_task_text(list_words))
-    title = list_words[0].upper() + list_words[1:]
-    q, k = _find_doc(index, f"{doc_prefix}1", [f"{title} alphabetical", title])
-    ids = run.step([(q, 1)])[0]
-    if not ids or not ids[0].startswith(doc_prefix):
-        raise TraceError(f"the search {q!r} shows no part of the list of {list_words}")
-    return run.messages, run.answer(PARTS_LABEL + "; ".join(part_word(p) for p in range(1, n_parts + 1)),
-                                    [f"part of {n_parts})"])
+def run_list_parts(index: CorpusIndex, doc_prefix: str, subject: str, list_words: str, n_parts: int
+                   ) -> tuple[list[dict], str]:
+    """One search for a list's contents document (`doc_prefix`contents), whose "Parts: first; second"
+    the answer copies: the words a part's title is found by (version 8; before, the answer counted
+    the parts from a part's "(first part of 3)", and stages 18-19 wrote names there instead)."""
+    run = _SubAgentRun(index, parts_task_text(subject, list_words))
+    q, k = _find_doc(index, f"{doc_prefix}contents", [f"contents of the {subject} list"], max_k=1)
+    run.step([(q, k)])
+    words = "; ".join(part_word(p) for p in range(1, n_parts + 1))
+    return run.messages, run.answer(PARTS_LABEL + words, [f"{PARTS_LABEL}{words}."])
 
 
 def run_continent_part(index: CorpusIndex, code: str, cname: str, part: int, names: list[str], user: str
@@ -455,8 +454,11 @@ class TraceBuilder:
         # Plan form: one range agent, its windows one list document each. The count is written as
         # "the N", after the word the task puts before it ("What are the 120 most ..."): stage 17,
         # writing a copy per window, wrote 5 agents for 10 cities and for 120, and wrong ranges.
+        # The keep filter drops rows past the N-th: stages 18-19 copied a window that ends inside its
+        # document (1 to 8 of 1 to 15) to the document's end (version 8).
         plan = CompactPlan(agents=[CompactAgent(name="cities", task=city_task_text(self.data.country(iso).name, "{start}", "{end}"),
-                                                for_range=f"all the {n} by {CITY_CHUNK}")], aggregate="concat")
+                                                for_range=f"all the {n} by {CITY_CHUNK}", keep=f"rank at most {n}")],
+                           aggregate="concat")
         (node,) = plan.to_swarm_plan().subagents
         assert node.for_range is not None
         windows = range_windows(node.for_range)
@@ -517,7 +519,7 @@ class TraceBuilder:
             cname = CONTINENT_NAMES[code]
             members = self.data.countries_in(code)
             by_part = chunks([c.name for c in members], NAME_LIST_PART)
-            parts_msgs, parts_ans = run_list_parts(self.index, f"list:continent:{code}:",
+            parts_msgs, parts_ans = run_list_parts(self.index, f"list:continent:{code}:", cname,
                                                    f"countries and territories of {cname}", len(by_part))
             listers = [CompactAgent(name="parts", task=continent_parts_text(cname)),
                        CompactAgent(name="lister", task=continent_part_text(cname), depends_on=[1], for_each=1)]
@@ -536,7 +538,7 @@ class TraceBuilder:
                 # split but Antarctica have two or three (version 7).
                 lang = task.meta["params"]["language"]
                 n_lang = math.ceil(sum(lang in c.languages for c in self.data.countries.values()) / NAME_LIST_PART)
-                l_msgs, _ = run_list_parts(self.index, f"list:language:{lang}:",
+                l_msgs, _ = run_list_parts(self.index, f"list:language:{lang}:", f"{LANGUAGE_NAMES[lang]} language",
                                            f"countries and territories where {LANGUAGE_NAMES[lang]} is spoken", n_lang)
                 convs.append(Conversation("subagent", task.id, t, l_msgs, self.search_tools))
             entities = [c for names in by_part for c in _in_order(members, names)]

@@ -10,10 +10,12 @@ import pytest
 
 from planner.envs import get_env, list_envs
 from planner.envs.base import Environment, Task, load_eval_set
-from planner.envs.corpus import build_corpus
+from planner.envs.corpus import build_corpus, part_word
 from planner.envs.geodata import TEST_CONTINENTS, format_int, load_geodata
 from planner.envs.make_eval_sets import EVAL_SET_SPECS, main as make_eval_sets_main, render_eval_set
 from planner.envs.widegeo import WideGeoEnv
+from planner.plan_schema import parse_range
+from swarm.fan_out import range_windows
 from workers.tools.search import search_corpus
 
 
@@ -145,6 +147,44 @@ def test_list_documents_enumerate_the_rows(docs: dict[str, dict[str, str]]) -> N
     assert "1. São Paulo" in docs["list:cities:BR:1"]["text"]
     africa = " ".join(d["text"] for k, d in docs.items() if k.startswith("list:continent:AF:"))
     assert all(c.name in africa for c in load_geodata().countries_in("AF"))
+
+
+def test_every_country_list_has_contents_naming_its_parts(corpus: Path, docs: dict[str, dict[str, str]]) -> None:
+    """A list of countries (continent, language) has a contents document whose "Parts: ..." names one
+    word per part document; a search for the list itself still shows a part first, the contents only
+    when asked for."""
+    lists = {k.rsplit(":", 1)[0] for k in docs if k.startswith(("list:continent:", "list:language:"))}
+    assert len(lists) > 50
+    for prefix in lists:
+        n = sum(k.rsplit(":", 1)[0] == prefix and k.rsplit(":", 1)[1].isdigit() for k in docs)
+        assert n >= 1
+        assert docs[f"{prefix}:contents"]["text"].endswith("Parts: " + "; ".join(part_word(p) for p in range(1, n + 1)) + ".")
+    assert docs["list:continent:AF:contents"]["text"] == "The Africa list has 3 parts. Parts: first; second; third."
+    assert docs["list:continent:SA:contents"]["text"] == "The South America list has 1 part. Parts: first."
+    for q, first in [("Countries and territories of Africa", "list:continent:AF:"),
+                     ("contents of the Africa list", "list:continent:AF:contents"),
+                     ("Countries and territories where French is spoken", "list:language:fr:"),
+                     ("contents of the French language list", "list:language:fr:contents")]:
+        top = search_corpus(corpus, q, 1)[0].doc.id
+        assert top == first if first.endswith("contents") else (top.startswith(first) and top[-1].isdigit()), (q, top)
+
+
+def test_every_held_out_city_window_finds_its_list_document_first(env: WideGeoEnv, corpus: Path) -> None:
+    """The query a city sub-agent writes for its window of a held-out task ("Most populous cities of
+    Uruguay ranks 16 to 30") finds the list document of those ranks at rank 1. With bm25s's defaults
+    (b = 0.75, words of two characters or more) Uruguay's "16 to 30" found the one-city "ranks 31 to
+    31", the Republic of the Congo's "1 to 10" its "16 to 23", and "1 to 8" named no rank at all."""
+    data = load_geodata()
+    windows = []
+    for task in env.eval_set():
+        if task.meta["template"] == "top_cities":
+            iso, n = task.meta["params"]["country"], task.meta["params"]["n"]
+            windows += [(iso, s, e) for s, e in range_windows(parse_range(f"all the {n} by 15"))]
+    assert {"UY", "CG"} <= {iso for iso, _, _ in windows} and len(windows) > 20
+    for iso, start, end in windows:
+        query = f"Most populous cities of {data.country(iso).name} ranks {start} to {end}"
+        top = search_corpus(corpus, query, 1)[0].doc.id
+        assert top == f"list:cities:{iso}:{(start - 1) // 15 + 1}", (query, top)
 
 
 def test_corpus_is_deterministic_and_cached(corpus: Path, tmp_path: Path) -> None:

@@ -31,6 +31,7 @@ from planner.traces import (
 from swarm.dag import validate_plan
 from swarm.orchestrator import AssignTaskArgs, CreateSubagentArgs
 from swarm.plans import Limits
+from swarm.row_filter import filter_answer
 from workers.tools.search import SearchArgs, format_hits, search_corpus
 
 ARG_MODELS = {"search": SearchArgs, "create_subagent": CreateSubagentArgs, "assign_task": AssignTaskArgs}
@@ -53,8 +54,8 @@ def _convs(traced):
 
 
 def _is_parts(c) -> bool:
-    """A continent plan's first sub-agent: it names the list's parts (counting, not copying)."""
-    return c.kind == "subagent" and "part numbers" in c.messages[1]["content"]
+    """A continent plan's first sub-agent: it names the list's parts (copied from its contents)."""
+    return c.kind == "subagent" and "name its parts" in c.messages[1]["content"]
 
 
 def _sections(answer: str) -> dict[str, str]:
@@ -102,17 +103,21 @@ def test_list_answers_copy_the_order_their_results_show(traced):
         assert positions == sorted(positions), (c.task_id, names)
 
 
-def test_parts_listers_name_every_part_of_the_list_in_words(traced):
-    """Version 6: the first agent of a continent plan reads "(... part of N)" in any part's title and
-    names the parts first to N-th, the words each part's title is searched by. Version 7 adds, to a
-    language task, the same for the language's own list (mostly one part)."""
+def test_parts_listers_copy_every_part_of_the_list_from_its_contents(env, traced):
+    """Version 8: the first agent of a continent plan searches the list's contents document and
+    copies its "Parts: first; second; third", one word per part document of the list in the corpus.
+    A language task also names its language's own list's parts (mostly one part; version 7)."""
+    docs = [json.loads(line)["id"] for line in env.corpus_path().read_text().splitlines()]
     parts = [c for c in _convs(traced) if _is_parts(c)]
     assert {c.template for c in parts} == {"continent_countries", "language_countries"}
-    assert any(" is spoken " in c.messages[1]["content"] for c in parts)
+    assert any(" language list" in c.messages[1]["content"] for c in parts)
     for c in parts:
         shown = "\n".join(m["content"] for m in c.messages if m["role"] == "tool")
-        n = int(re.search(r"\((?:first|second|third|fourth|fifth) part of (\d+)\)", shown).group(1))
-        assert c.messages[-1]["content"] == PARTS_LABEL + "; ".join(part_word(k) for k in range(1, n + 1))
+        prefix = re.search(r"id=(list:\w+:\w+:)contents", shown).group(1)
+        n = sum(re.fullmatch(re.escape(prefix) + r"\d+", d) is not None for d in docs)
+        answer = c.messages[-1]["content"]
+        assert answer == PARTS_LABEL + "; ".join(part_word(k) for k in range(1, n + 1))
+        assert answer + "." in shown  # a copy of what the search showed
 
 
 def test_plans_validate_and_parse_back(traced):
@@ -169,6 +174,11 @@ def test_city_plans_are_one_range_agent_whose_windows_are_list_documents(traced)
         (agent,) = tr.plan.agents
         assert agent.for_range == f"all the {n} by {CITY_CHUNK}" and f" the {n} " in tr.task.prompt
         (node,) = tr.plan.to_swarm_plan().subagents
+        # Version 8: a window copied past its last rank (to its document's end) loses the extra rows.
+        assert agent.keep == f"rank at most {n}"
+        overrun = "| rank | city | population |\n|---|---|---|\n" + "".join(f"| {r} | X{r} | 1 |\n" for r in range(1, n + 3))
+        kept, _ = filter_answer(node.keep_rows, overrun)
+        assert [line.split("|")[1].strip() for line in kept.splitlines()[2:]] == [str(r) for r in range(1, n + 1)]
         windows = range_windows(node.for_range)
         assert windows[0][0] == 1 and windows[-1][1] == n
         convs = [c for c in tr.conversations if c.kind == "subagent"]

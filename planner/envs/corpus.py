@@ -2,7 +2,8 @@
 
 JSONL, one `{"id", "title", "text"}` object per line: one document per country, one per city, and
 "list" documents (countries of a continent, most populous cities of a country, countries speaking a
-language) cut into parts short enough to read from one search snippet. The file is written
+language) cut into parts short enough to read from one search snippet, with a contents document
+per list of countries naming its parts. The file is written
 deterministically (same bytes every time) to a cache directory and reused.
 """
 
@@ -25,7 +26,7 @@ from planner.envs.geodata import (
     load_geodata,
 )
 
-CORPUS_VERSION = "geo-v2"  # bump whenever the documents change: cached files are keyed by it
+CORPUS_VERSION = "geo-v3"  # bump whenever the documents change: cached files are keyed by it
 CITY_LIST_PART = 15  # the search tool shows ~600 characters per hit: keep a part within that
 NAME_LIST_PART = 25
 
@@ -48,6 +49,22 @@ def part_word(part: int) -> str:
     if not 1 <= part <= len(PART_WORDS):
         raise ValueError(f"a list has parts 1 to {len(PART_WORDS)}, not {part}")
     return PART_WORDS[part - 1]
+
+
+def contents_doc(doc_prefix: str, subject: str, n_parts: int) -> dict[str, str]:
+    """The contents of a list cut into parts: how many parts and their words. A sub-agent asked for
+    a list's parts copies "Parts: first; second; third" from it: counting them from the "(first part
+    of 3)" of a part's title is what stages 18-19 got wrong (they copied names instead). `subject`
+    ("Africa", "French language") is the list's one distinctive word or two: the document says little
+    else, so a search for the list itself ("Countries and territories of Africa") still finds its
+    parts first."""
+    words = "; ".join(part_word(p) for p in range(1, n_parts + 1))
+    plural = "part" if n_parts == 1 else "parts"
+    return {
+        "id": f"{doc_prefix}contents",
+        "title": f"Contents of the {subject} list",
+        "text": f"The {subject} list has {n_parts} {plural}. Parts: {words}.",
+    }
 
 
 def _ordinal(n: int) -> str:
@@ -101,6 +118,7 @@ def list_docs(data: GeoData) -> Iterator[dict[str, str]]:
         members = data.countries_in(code)
         name = members[0].continent_name
         chunks = list(_chunks(members, NAME_LIST_PART))
+        yield contents_doc(f"list:continent:{code}:", name, len(chunks))
         for part, (start, chunk) in enumerate(chunks, start=1):
             yield {
                 "id": f"list:continent:{code}:{part}",
@@ -123,8 +141,9 @@ def list_docs(data: GeoData) -> Iterator[dict[str, str]]:
     for code in sorted(LANGUAGE_NAMES):
         speakers = sorted((c for c in data.countries.values() if code in c.languages), key=lambda c: c.name)
         chunks = list(_chunks(speakers, NAME_LIST_PART))
+        lang = LANGUAGE_NAMES[code]
+        yield contents_doc(f"list:language:{code}:", f"{lang} language", len(chunks))
         for part, (start, chunk) in enumerate(chunks, start=1):
-            lang = LANGUAGE_NAMES[code]
             yield {
                 "id": f"list:language:{code}:{part}",
                 "title": f"Countries and territories where {lang} is spoken ({part_word(part)} part of {len(chunks)})",
