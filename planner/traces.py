@@ -54,7 +54,7 @@ KINDS: tuple[str, ...] = ("subagent", "orchestrator_tools", "orchestrator_plan",
 AGENT_NAME = "geo_researcher"
 # Bumped whenever the traces built from the same tasks change (their form, or the search ranking they
 # show): encoded data files are keyed by it, so a stale file is rebuilt, not reused.
-TRACE_VERSION = 8
+TRACE_VERSION = 9
 LOOKUP_CHUNK = 3  # entities per lookup sub-agent: each lookup shows ~600 characters of results
 # City ranks per sub-agent: one list document each (CITY_LIST_PART ranks), so a copy never crosses
 # from one search result to another, where stage 17's copies of 10 (windows 11-20, 21-30 ...) looped.
@@ -292,7 +292,10 @@ def run_city_ranks(index: CorpusIndex, data: GeoData, iso: str, start: int, end:
 def parts_task_text(subject: str, list_words: str) -> str:
     """The task of naming a list's parts. `subject` names its contents document (corpus.contents_doc:
     "Africa"), `list_words` the list ("countries and territories of Africa")."""
-    return (f"Find the contents of the {subject} list, the alphabetical list of {list_words}, and name its parts. "
+    # The list's words come first: a plan writes a continent's name well after " of" (as in "List
+    # all countries and territories of Africa"), and stage 20, whose plans wrote "Find the contents
+    # of the {subject} list, ...", wrote names from memory after " the" ("the Key list"; version 9).
+    return (f"Find the contents of the alphabetical list of {list_words}, the {subject} list, and name its parts. "
             "Answer with the part words separated by '; '.")
 
 

@@ -39,8 +39,9 @@ def default_corpus_path() -> Path:
     return default_cache_dir() / f"corpus-{CORPUS_VERSION}.jsonl"
 
 
-# A list's parts are named by words: the search tool indexes words of two or more characters, so
-# "part 2" finds nothing that "part 1" does not, where "second part" finds the second part.
+# A list's parts are named by words: when they were named "part 2", the search tool indexed only words
+# of two or more characters, so "part 2" found nothing that "part 1" did not; "second part" finds the
+# second part (single digits are indexed since session 14, the words stay: the policy was trained on them).
 PART_WORDS = ("first", "second", "third", "fourth", "fifth", "sixth", "seventh", "eighth", "ninth", "tenth")
 
 
