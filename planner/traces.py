@@ -54,7 +54,7 @@ KINDS: tuple[str, ...] = ("subagent", "orchestrator_tools", "orchestrator_plan",
 AGENT_NAME = "geo_researcher"
 # Bumped whenever the traces built from the same tasks change (their form, or the search ranking they
 # show): encoded data files are keyed by it, so a stale file is rebuilt, not reused.
-TRACE_VERSION = 9
+TRACE_VERSION = 10
 LOOKUP_CHUNK = 3  # entities per lookup sub-agent: each lookup shows ~600 characters of results
 # City ranks per sub-agent: one list document each (CITY_LIST_PART ranks), so a copy never crosses
 # from one search result to another, where stage 17's copies of 10 (windows 11-20, 21-30 ...) looped.
@@ -289,18 +289,16 @@ def run_city_ranks(index: CorpusIndex, data: GeoData, iso: str, start: int, end:
     return run.messages, run.answer(table, needed)
 
 
-def parts_task_text(subject: str, list_words: str) -> str:
-    """The task of naming a list's parts. `subject` names its contents document (corpus.contents_doc:
-    "Africa"), `list_words` the list ("countries and territories of Africa")."""
-    # The list's words come first: a plan writes a continent's name well after " of" (as in "List
-    # all countries and territories of Africa"), and stage 20, whose plans wrote "Find the contents
-    # of the {subject} list, ...", wrote names from memory after " the" ("the Key list"; version 9).
-    return (f"Find the contents of the alphabetical list of {list_words}, the {subject} list, and name its parts. "
+def parts_task_text(list_words: str) -> str:
+    """The task of naming a list's parts; `list_words`: "countries and territories of Africa". The
+    list is named after " of", where a plan copies a continent's name well: stages 20-21, whose
+    parts task also named "the Africa list", wrote a name from memory after " the" (version 10)."""
+    return (f"Find the contents of the alphabetical list of {list_words} and name its parts. "
             "Answer with the part words separated by '; '.")
 
 
 def continent_parts_text(cname: str) -> str:
-    return parts_task_text(cname, f"countries and territories of {cname}")
+    return parts_task_text(f"countries and territories of {cname}")
 
 
 def continent_part_text(cname: str) -> str:
@@ -308,13 +306,12 @@ def continent_part_text(cname: str) -> str:
             "receive. Answer with their names separated by '; '.")
 
 
-def run_list_parts(index: CorpusIndex, doc_prefix: str, subject: str, list_words: str, n_parts: int
-                   ) -> tuple[list[dict], str]:
+def run_list_parts(index: CorpusIndex, doc_prefix: str, list_words: str, n_parts: int) -> tuple[list[dict], str]:
     """One search for a list's contents document (`doc_prefix`contents), whose "Parts: first; second"
     the answer copies: the words a part's title is found by (version 8; before, the answer counted
     the parts from a part's "(first part of 3)", and stages 18-19 wrote names there instead)."""
-    run = _SubAgentRun(index, parts_task_text(subject, list_words))
-    q, k = _find_doc(index, f"{doc_prefix}contents", [f"contents of the {subject} list"], max_k=1)
+    run = _SubAgentRun(index, parts_task_text(list_words))
+    q, k = _find_doc(index, f"{doc_prefix}contents", [f"contents of the alphabetical list of {list_words}"], max_k=1)
     run.step([(q, k)])
     words = "; ".join(part_word(p) for p in range(1, n_parts + 1))
     return run.messages, run.answer(PARTS_LABEL + words, [f"{PARTS_LABEL}{words}."])
@@ -522,7 +519,7 @@ class TraceBuilder:
             cname = CONTINENT_NAMES[code]
             members = self.data.countries_in(code)
             by_part = chunks([c.name for c in members], NAME_LIST_PART)
-            parts_msgs, parts_ans = run_list_parts(self.index, f"list:continent:{code}:", cname,
+            parts_msgs, parts_ans = run_list_parts(self.index, f"list:continent:{code}:",
                                                    f"countries and territories of {cname}", len(by_part))
             listers = [CompactAgent(name="parts", task=continent_parts_text(cname)),
                        CompactAgent(name="lister", task=continent_part_text(cname), depends_on=[1], for_each=1)]
@@ -541,7 +538,7 @@ class TraceBuilder:
                 # split but Antarctica have two or three (version 7).
                 lang = task.meta["params"]["language"]
                 n_lang = math.ceil(sum(lang in c.languages for c in self.data.countries.values()) / NAME_LIST_PART)
-                l_msgs, _ = run_list_parts(self.index, f"list:language:{lang}:", f"{LANGUAGE_NAMES[lang]} language",
+                l_msgs, _ = run_list_parts(self.index, f"list:language:{lang}:",
                                            f"countries and territories where {LANGUAGE_NAMES[lang]} is spoken", n_lang)
                 convs.append(Conversation("subagent", task.id, t, l_msgs, self.search_tools))
             entities = [c for names in by_part for c in _in_order(members, names)]

@@ -159,12 +159,12 @@ def test_every_country_list_has_contents_naming_its_parts(corpus: Path, docs: di
         n = sum(k.rsplit(":", 1)[0] == prefix and k.rsplit(":", 1)[1].isdigit() for k in docs)
         assert n >= 1
         assert docs[f"{prefix}:contents"]["text"].endswith("Parts: " + "; ".join(part_word(p) for p in range(1, n + 1)) + ".")
-    assert docs["list:continent:AF:contents"]["text"] == "The Africa list has 3 parts. Parts: first; second; third."
-    assert docs["list:continent:SA:contents"]["text"] == "The South America list has 1 part. Parts: first."
+    assert docs["list:continent:AF:contents"]["text"] == "The list has 3 parts. Parts: first; second; third."
+    assert docs["list:continent:SA:contents"]["text"] == "The list has 1 part. Parts: first."
     for q, first in [("Countries and territories of Africa", "list:continent:AF:"),
-                     ("contents of the Africa list", "list:continent:AF:contents"),
+                     ("contents of the alphabetical list of countries and territories of Africa", "list:continent:AF:contents"),
                      ("Countries and territories where French is spoken", "list:language:fr:"),
-                     ("contents of the French language list", "list:language:fr:contents")]:
+                     ("contents of the alphabetical list of countries and territories where French is spoken", "list:language:fr:contents")]:
         top = search_corpus(corpus, q, 1)[0].doc.id
         assert top == first if first.endswith("contents") else (top.startswith(first) and top[-1].isdigit()), (q, top)
 

@@ -110,7 +110,7 @@ def test_parts_listers_copy_every_part_of_the_list_from_its_contents(env, traced
     docs = [json.loads(line)["id"] for line in env.corpus_path().read_text().splitlines()]
     parts = [c for c in _convs(traced) if _is_parts(c)]
     assert {c.template for c in parts} == {"continent_countries", "language_countries"}
-    assert any(" language list" in c.messages[1]["content"] for c in parts)
+    assert any(" is spoken " in c.messages[1]["content"] for c in parts)
     for c in parts:
         shown = "\n".join(m["content"] for m in c.messages if m["role"] == "tool")
         prefix = re.search(r"id=(list:\w+:\w+:)contents", shown).group(1)

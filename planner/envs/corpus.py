@@ -26,7 +26,7 @@ from planner.envs.geodata import (
     load_geodata,
 )
 
-CORPUS_VERSION = "geo-v3"  # bump whenever the documents change: cached files are keyed by it
+CORPUS_VERSION = "geo-v4"  # bump whenever the documents change: cached files are keyed by it
 CITY_LIST_PART = 15  # the search tool shows ~600 characters per hit: keep a part within that
 NAME_LIST_PART = 25
 
@@ -63,8 +63,8 @@ def contents_doc(doc_prefix: str, subject: str, n_parts: int) -> dict[str, str]:
     plural = "part" if n_parts == 1 else "parts"
     return {
         "id": f"{doc_prefix}contents",
-        "title": f"Contents of the {subject} list",
-        "text": f"The {subject} list has {n_parts} {plural}. Parts: {words}.",
+        "title": f"Contents of the alphabetical list of {subject}",
+        "text": f"The list has {n_parts} {plural}. Parts: {words}.",
     }
 
 
@@ -119,7 +119,7 @@ def list_docs(data: GeoData) -> Iterator[dict[str, str]]:
         members = data.countries_in(code)
         name = members[0].continent_name
         chunks = list(_chunks(members, NAME_LIST_PART))
-        yield contents_doc(f"list:continent:{code}:", name, len(chunks))
+        yield contents_doc(f"list:continent:{code}:", f"countries and territories of {name}", len(chunks))
         for part, (start, chunk) in enumerate(chunks, start=1):
             yield {
                 "id": f"list:continent:{code}:{part}",
@@ -143,7 +143,7 @@ def list_docs(data: GeoData) -> Iterator[dict[str, str]]:
         speakers = sorted((c for c in data.countries.values() if code in c.languages), key=lambda c: c.name)
         chunks = list(_chunks(speakers, NAME_LIST_PART))
         lang = LANGUAGE_NAMES[code]
-        yield contents_doc(f"list:language:{code}:", f"{lang} language", len(chunks))
+        yield contents_doc(f"list:language:{code}:", f"countries and territories where {lang} is spoken", len(chunks))
         for part, (start, chunk) in enumerate(chunks, start=1):
             yield {
                 "id": f"list:language:{code}:{part}",
