@@ -125,7 +125,20 @@ sft_stage "$W/cpu-e" 200 --steps 200 --lr 6e-5 --warmup 10 --train-tasks 600 --d
 sft_stage "$W/cpu-f" 300 --steps 300 --lr 6e-5 --warmup 10 --train-tasks 600 --data-seed 10 --fake-entity-copies 2 \
     --batch-tokens 12288 --eval-every 100 --save-every 20 --init-from "$W/cpu-e" "${S[@]}" --fake-names places+countries \
     --repeat orchestrator_plan=10
-LAST="$W/cpu-f"
+
+# 20-22. Session 14: the search's fixed ranking, lists named by a contents document, city plans as one
+#    range agent that keeps only the asked ranks. Trace versions 8, 9 and 10 (this code builds 10 for
+#    all three, so a rerun follows the recipe, not bit for bit: docs/policy.md, "Session 14").
+sft_stage "$W/cpu-g" 300 --steps 300 --lr 6e-5 --warmup 10 --train-tasks 600 --data-seed 13 --fake-entity-copies 2 \
+    --batch-tokens 12288 --eval-every 100 --save-every 20 --init-from "$W/cpu-f" "${S[@]}" --fake-names places+countries \
+    --repeat orchestrator_plan=10
+sft_stage "$W/cpu-h" 240 --steps 240 --lr 6e-5 --warmup 10 --train-tasks 600 --data-seed 14 --fake-entity-copies 2 \
+    --batch-tokens 12288 --eval-every 100 --save-every 20 --init-from "$W/cpu-g" "${S[@]}" --fake-names places+countries \
+    --repeat orchestrator_plan=10
+sft_stage "$W/cpu-i" 100 --steps 100 --lr 6e-5 --warmup 10 --train-tasks 600 --data-seed 15 --fake-entity-copies 2 \
+    --batch-tokens 12288 --eval-every 100 --save-every 20 --init-from "$W/cpu-h" "${S[@]}" --fake-names places+countries \
+    --repeat orchestrator_plan=10
+LAST="$W/cpu-i"
 
 # Ship: the checkpoint, its tokenizer, policy.json (the last stage's command and config) and every
 # stage's log; not train_state.pt (optimizer state, 5x the weights).
@@ -147,4 +160,7 @@ cp "$W/cpu-b/train_log.jsonl" "$DEST/logs/9-cpu-b_train_log.jsonl"
 cp "$W/cpu-c/train_log.jsonl" "$DEST/logs/11-cpu-c_train_log.jsonl"
 cp "$W/cpu-d/train_log.jsonl" "$DEST/logs/13-cpu-d_train_log.jsonl"
 cp "$W/cpu-e/train_log.jsonl" "$DEST/logs/16-cpu-e_train_log.jsonl"
+cp "$W/cpu-f/train_log.jsonl" "$DEST/logs/17-cpu-f_train_log.jsonl"
+cp "$W/cpu-g/train_log.jsonl" "$DEST/logs/20-cpu-g_train_log.jsonl"
+cp "$W/cpu-h/train_log.jsonl" "$DEST/logs/21-cpu-h_train_log.jsonl"
 echo "policy: $LAST, shipped to $DEST"
