@@ -52,18 +52,18 @@ def part_word(part: int) -> str:
     return PART_WORDS[part - 1]
 
 
-def contents_doc(doc_prefix: str, subject: str, n_parts: int) -> dict[str, str]:
+def contents_doc(doc_prefix: str, list_words: str, n_parts: int) -> dict[str, str]:
     """The contents of a list cut into parts: how many parts and their words. A sub-agent asked for
     a list's parts copies "Parts: first; second; third" from it: counting them from the "(first part
-    of 3)" of a part's title is what stages 18-19 got wrong (they copied names instead). `subject`
-    ("Africa", "French language") is the list's one distinctive word or two: the document says little
-    else, so a search for the list itself ("Countries and territories of Africa") still finds its
-    parts first."""
+    of 3)" of a part's title is what stages 18-19 got wrong (they copied names instead). Titled by
+    the list's words ("countries and territories of Africa") after "Contents of the alphabetical list
+    of", the phrase a parts task names it by; its text says little else, so a search for the list
+    itself ("Countries and territories of Africa") still finds its parts first."""
     words = "; ".join(part_word(p) for p in range(1, n_parts + 1))
     plural = "part" if n_parts == 1 else "parts"
     return {
         "id": f"{doc_prefix}contents",
-        "title": f"Contents of the alphabetical list of {subject}",
+        "title": f"Contents of the alphabetical list of {list_words}",
         "text": f"The list has {n_parts} {plural}. Parts: {words}.",
     }
 
