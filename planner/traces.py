@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from planner.envs.base import Task
-from planner.envs.corpus import CITY_LIST_PART, NAME_LIST_PART, part_word
+from planner.envs.corpus import CITY_LIST_PART, NAME_LIST_PART, part_word, part_words
 from planner.envs.geodata import (CONTINENT_NAMES, LANGUAGE_NAMES, Country, GeoData, format_int, language_name,
                                   split_of_country)
 from planner.plan_schema import CompactAgent, CompactPlan, compact_plan_json
@@ -313,7 +313,7 @@ def run_list_parts(index: CorpusIndex, doc_prefix: str, list_words: str, n_parts
     run = _SubAgentRun(index, parts_task_text(list_words))
     q, k = _find_doc(index, f"{doc_prefix}contents", [f"contents of the alphabetical list of {list_words}"], max_k=1)
     run.step([(q, k)])
-    words = "; ".join(part_word(p) for p in range(1, n_parts + 1))
+    words = part_words(n_parts)
     return run.messages, run.answer(PARTS_LABEL + words, [f"{PARTS_LABEL}{words}."])
 
 

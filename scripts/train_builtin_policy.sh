@@ -122,22 +122,16 @@ sft_stage "$W/cpu-e" 200 --steps 200 --lr 6e-5 --warmup 10 --train-tasks 600 --d
 # 17. Trace version 5: the plan states a listing task's condition as a row filter in the task's words
 #    ("keep": "population more than 5,000,000"), applied by the runtime; the fillers write every row.
 #    Plan conversations drawn 10x (--repeat), since they are ~3 % of the target tokens.
-sft_stage "$W/cpu-f" 300 --steps 300 --lr 6e-5 --warmup 10 --train-tasks 600 --data-seed 10 --fake-entity-copies 2 \
-    --batch-tokens 12288 --eval-every 100 --save-every 20 --init-from "$W/cpu-e" "${S[@]}" --fake-names places+countries \
-    --repeat orchestrator_plan=10
+P=(--lr 6e-5 --warmup 10 --train-tasks 600 --fake-entity-copies 2 --batch-tokens 12288 --eval-every 100 --save-every 20
+   "${S[@]}" --fake-names places+countries --repeat orchestrator_plan=10)
+sft_stage "$W/cpu-f" 300 --steps 300 --data-seed 10 --init-from "$W/cpu-e" "${P[@]}"
 
 # 20-22. Session 14: the search's fixed ranking, lists named by a contents document, city plans as one
 #    range agent that keeps only the asked ranks. Trace versions 8, 9 and 10 (this code builds 10 for
 #    all three, so a rerun follows the recipe, not bit for bit: docs/policy.md, "Session 14").
-sft_stage "$W/cpu-g" 300 --steps 300 --lr 6e-5 --warmup 10 --train-tasks 600 --data-seed 13 --fake-entity-copies 2 \
-    --batch-tokens 12288 --eval-every 100 --save-every 20 --init-from "$W/cpu-f" "${S[@]}" --fake-names places+countries \
-    --repeat orchestrator_plan=10
-sft_stage "$W/cpu-h" 240 --steps 240 --lr 6e-5 --warmup 10 --train-tasks 600 --data-seed 14 --fake-entity-copies 2 \
-    --batch-tokens 12288 --eval-every 100 --save-every 20 --init-from "$W/cpu-g" "${S[@]}" --fake-names places+countries \
-    --repeat orchestrator_plan=10
-sft_stage "$W/cpu-i" 100 --steps 100 --lr 6e-5 --warmup 10 --train-tasks 600 --data-seed 15 --fake-entity-copies 2 \
-    --batch-tokens 12288 --eval-every 100 --save-every 20 --init-from "$W/cpu-h" "${S[@]}" --fake-names places+countries \
-    --repeat orchestrator_plan=10
+sft_stage "$W/cpu-g" 300 --steps 300 --data-seed 13 --init-from "$W/cpu-f" "${P[@]}"
+sft_stage "$W/cpu-h" 240 --steps 240 --data-seed 14 --init-from "$W/cpu-g" "${P[@]}"
+sft_stage "$W/cpu-i" 100 --steps 100 --data-seed 15 --init-from "$W/cpu-h" "${P[@]}"
 LAST="$W/cpu-i"
 
 # Ship: the checkpoint, its tokenizer, policy.json (the last stage's command and config) and every

@@ -52,6 +52,11 @@ def part_word(part: int) -> str:
     return PART_WORDS[part - 1]
 
 
+def part_words(n_parts: int) -> str:
+    """'first; second; third': the parts of a list of `n_parts`, as its contents document names them."""
+    return "; ".join(part_word(p) for p in range(1, n_parts + 1))
+
+
 def contents_doc(doc_prefix: str, list_words: str, n_parts: int) -> dict[str, str]:
     """The contents of a list cut into parts: how many parts and their words. A sub-agent asked for
     a list's parts copies "Parts: first; second; third" from it: counting them from the "(first part
@@ -59,7 +64,7 @@ def contents_doc(doc_prefix: str, list_words: str, n_parts: int) -> dict[str, st
     the list's words ("countries and territories of Africa") after "Contents of the alphabetical list
     of", the phrase a parts task names it by; its text says little else, so a search for the list
     itself ("Countries and territories of Africa") still finds its parts first."""
-    words = "; ".join(part_word(p) for p in range(1, n_parts + 1))
+    words = part_words(n_parts)
     plural = "part" if n_parts == 1 else "parts"
     return {
         "id": f"{doc_prefix}contents",
