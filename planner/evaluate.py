@@ -76,12 +76,12 @@ TRAIN_POOL = 400  # examples/parl_widegeo.yaml's task_pool
 TRAIN_SPLIT_N = 30  # --split train without --n: as many tasks as the held-out WideGeo set
 
 
-def split_tasks(env: Any, split: str, seed: int = 0) -> list[Task]:
-    """The tasks to evaluate on: the fixed eval set ("test"), or the train-split pool that `swarm
-    train` draws with data_seed `seed` ("train"; a diagnostic: how much reward signal PARL will see
-    from this policy)."""
+def split_tasks(env: Any, split: str, seed: int = 0, eval_set: str = "v1") -> list[Task]:
+    """The tasks to evaluate on: the fixed eval set `eval_set` ("test"), or the train-split pool that
+    `swarm train` draws with data_seed `seed` ("train"; a diagnostic: how much reward signal PARL will
+    see from this policy)."""
     if split == "test":
-        return env.eval_set()
+        return env.eval_set(eval_set)
     if split == "train":
         return env.tasks("train", TRAIN_POOL, seed)
     raise ValueError(f"--split must be 'test' or 'train', got {split!r}")
@@ -184,13 +184,15 @@ def run_eval(
     split: str = "test",
     seed: int = 0,
     subagent_checkpoint: str | Path | None = None,
+    eval_set: str = "v1",
 ) -> int:
     """Run the evaluation; returns the exit code (0 every job succeeded, 1 some failed, 2 no model).
     The model is chosen as for `swarm demo` (planner.builtin.select_model): `checkpoint` if given, else
     the configured endpoint, else the built-in policy, served with `tp` shards; `orchestrator` None
     means the model's default. Raises ValueError for bad arguments (unknown env, policy or
     orchestrator or task id; no task selected). `split="train"` evaluates on the train-split pool of
-    `swarm train` (data seed `seed`), the first TRAIN_SPLIT_N tasks unless `n` says otherwise.
+    `swarm train` (data seed `seed`), the first TRAIN_SPLIT_N tasks unless `n` says otherwise;
+    `eval_set` names the fixed set of the test split (planner/eval_sets/<env>-<version>.json).
     `subagent_checkpoint`: the sub-agents (and the single agent) run on a second engine serving that
     checkpoint, the orchestrator on the selected model, as in `swarm train` (a PARL checkpoint judged
     with the frozen sub-agents it was trained with)."""
@@ -204,7 +206,10 @@ def run_eval(
     if tp < 1:
         raise ValueError(f"--tp must be >= 1, got {tp}")
     env = get_env(env_name)
-    pool = split_tasks(env, split, seed)
+    try:
+        pool = split_tasks(env, split, seed, eval_set)
+    except FileNotFoundError as e:  # an eval set that does not exist: a bad argument, named
+        raise ValueError(str(e)) from None
     if split == "train" and n is None and not task_ids:
         n = TRAIN_SPLIT_N
     tasks = select_tasks(pool, n, max_rows, task_ids)
@@ -257,7 +262,7 @@ def run_eval(
                     line = (f"{task.id} {pol}: {r.state} item-F1 {r.item_f1:.3f} row-F1 {r.row_f1:.3f} "
                             f"critical steps {r.critical_steps} wall {r.wall_s:.1f} s")
                     console.print(line + (f" error: {r.error}" if r.error else ""), highlight=False)
-    where = "" if split == "test" else f" of the train split (seed {seed})"
+    where = f" of eval set {eval_set}" if split == "test" else f" of the train split (seed {seed})"
     title = f"{env_name}: {len(tasks)} task(s){where}, swarm orchestrator {orchestrator!r}"
     console.print(results_table(title, results))
     console.print(f"results: {out_path}", highlight=False)

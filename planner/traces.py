@@ -54,7 +54,7 @@ KINDS: tuple[str, ...] = ("subagent", "orchestrator_tools", "orchestrator_plan",
 AGENT_NAME = "geo_researcher"
 # Bumped whenever the traces built from the same tasks change (their form, or the search ranking they
 # show): encoded data files are keyed by it, so a stale file is rebuilt, not reused.
-TRACE_VERSION = 10
+TRACE_VERSION = 11
 LOOKUP_CHUNK = 3  # entities per lookup sub-agent: each lookup shows ~600 characters of results
 # City ranks per sub-agent: one list document each (CITY_LIST_PART ranks), so a copy never crosses
 # from one search result to another, where stage 17's copies of 10 (windows 11-20, 21-30 ...) looped.
@@ -387,7 +387,7 @@ class TraceBuilder:
                     "Answer with their names separated by '; '.")
             run = _SubAgentRun(self.index, text)
             fallback = f"about {subj.name}" if self.spaced else subj.name
-            run.step([_find_doc(self.index, f"country:{subj.iso}", [f"Neighbouring countries of {subj.name}", fallback])])
+            run.step([_find_doc(self.index, f"list:neighbours:{subj.iso}", [f"Countries that share a land border with {subj.name}", fallback])])
             ans = run.answer(list_answer([c.name for c in names], self.spaced), [c.name for c in names])
             return text, run.messages, ans, names
         if t in ("continent_countries", "language_countries"):

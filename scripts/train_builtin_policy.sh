@@ -132,7 +132,11 @@ sft_stage "$W/cpu-f" 300 --steps 300 --data-seed 10 --init-from "$W/cpu-e" "${P[
 sft_stage "$W/cpu-g" 300 --steps 300 --data-seed 13 --init-from "$W/cpu-f" "${P[@]}"
 sft_stage "$W/cpu-h" 240 --steps 240 --data-seed 14 --init-from "$W/cpu-g" "${P[@]}"
 sft_stage "$W/cpu-i" 100 --steps 100 --data-seed 15 --init-from "$W/cpu-h" "${P[@]}"
-LAST="$W/cpu-i"
+
+# 23. Session 15, trace version 11: a neighbours lister copies a country's own list of neighbours
+#    ("Countries that share a land border with Kenya: Ethiopia; ...", corpus geo-v5).
+sft_stage "$W/cpu-j" 200 --steps 200 --data-seed 16 --init-from "$W/cpu-i" "${P[@]}"
+LAST="$W/cpu-j"
 
 # Ship: the checkpoint, its tokenizer, policy.json (the last stage's command and config) and every
 # stage's log; not train_state.pt (optimizer state, 5x the weights).
@@ -157,4 +161,5 @@ cp "$W/cpu-e/train_log.jsonl" "$DEST/logs/16-cpu-e_train_log.jsonl"
 cp "$W/cpu-f/train_log.jsonl" "$DEST/logs/17-cpu-f_train_log.jsonl"
 cp "$W/cpu-g/train_log.jsonl" "$DEST/logs/20-cpu-g_train_log.jsonl"
 cp "$W/cpu-h/train_log.jsonl" "$DEST/logs/21-cpu-h_train_log.jsonl"
+cp "$W/cpu-i/train_log.jsonl" "$DEST/logs/22-cpu-i_train_log.jsonl"
 echo "policy: $LAST, shipped to $DEST"

@@ -396,6 +396,9 @@ def eval_cmd(
     subagent_checkpoint: Optional[Path] = typer.Option(
         None, "--subagent-checkpoint", help="run the sub-agents (and the single agent) on this checkpoint, the "
         "orchestrator on the model above: how `swarm train` runs them (e.g. a PARL checkpoint over planner/builtin_policy)"),
+    eval_set: str = typer.Option(
+        "v1", "--eval-set", help="which fixed held-out set (planner/eval_sets/ENV-VERSION.json): v1, or v2, "
+        "a second set no policy was chosen on"),
 ) -> None:
     """Evaluate on ENV's fixed eval set: item-F1, row-F1, critical steps, wall time, sub-agents and tool
     calls per task for the swarm and a single agent, with their means; writes a JSONL. The model is
@@ -407,7 +410,7 @@ def eval_cmd(
         code = run_eval(env, settings=_state(ctx).settings(), address=address, policy=policy, n=n,
                         max_rows=max_rows, orchestrator=orchestrator, out=out, console=console,
                         checkpoint=checkpoint, tp=tp, task_ids=task, split=split, seed=seed,
-                        subagent_checkpoint=subagent_checkpoint)
+                        subagent_checkpoint=subagent_checkpoint, eval_set=eval_set)
     except ValueError as e:
         fail(str(e), EXIT_USAGE)
     raise typer.Exit(code)

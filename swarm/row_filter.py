@@ -121,26 +121,34 @@ def row_passes(f: RowFilter, cell: str) -> bool:
     return same if f.op == "=" else not same
 
 
-def apply_row_filter(f: RowFilter, text: str) -> tuple[str, int, int]:
-    """(text with the failing rows removed, rows kept, rows dropped).
+# Columns whose value names one row of a table: a ranking has one row per rank.
+UNIQUE_COLUMNS = {"rank"}
 
-    Every markdown table whose header names `f.column` (any case; '_' and spaces alike) is filtered;
-    other tables and all text outside tables are left as they are."""
+
+def _filter_rows(f: RowFilter, text: str) -> tuple[str, int, int, int]:
+    """(text left, rows kept, rows failing the condition, repeated rows dropped)."""
     lines = text.splitlines()
     out: list[str] = []
-    kept = dropped = 0
+    kept = dropped = repeats = 0
     col = None  # index of the filtered column in the table being read, None outside such a table
+    seen: set = set()  # the rows (and, for a unique column, the values) kept in that table so far
     i = 0
     while i < len(lines):
         line = lines[i]
         stripped = line.strip()
         if col is not None and stripped.startswith("|"):
             cells = _cells(stripped)
-            if col < len(cells) and row_passes(f, cells[col]):
-                out.append(line)
-                kept += 1
-            else:
+            if not (col < len(cells) and row_passes(f, cells[col])):
                 dropped += 1
+            else:
+                row = tuple(_norm(c) for c in cells)
+                key = ("value", row[col]) if _norm(f.column) in UNIQUE_COLUMNS else ("row", row)
+                if key in seen or ("row", row) in seen:
+                    repeats += 1
+                else:
+                    seen |= {key, ("row", row)}
+                    out.append(line)
+                    kept += 1
             i += 1
             continue
         col = None
@@ -148,19 +156,35 @@ def apply_row_filter(f: RowFilter, text: str) -> tuple[str, int, int]:
             header = [_norm(c) for c in _cells(stripped)]
             if _norm(f.column) in header:
                 col = header.index(_norm(f.column))
+                seen = set()
             out += [line, lines[i + 1]]
             i += 2
             continue
         out.append(line)
         i += 1
-    return "\n".join(out), kept, dropped
+    return "\n".join(out), kept, dropped, repeats
+
+
+def apply_row_filter(f: RowFilter, text: str) -> tuple[str, int, int]:
+    """(text with the failing and the repeated rows removed, rows kept, rows dropped).
+
+    Every markdown table whose header names `f.column` (any case; '_' and spaces alike) is filtered;
+    other tables and all text outside tables are left as they are. In a filtered table a row that
+    repeats an earlier kept row is dropped too, and so is a second row for the same value of a
+    column that names one row (UNIQUE_COLUMNS: "rank"): a small model that copies a ranking can loop
+    back over rows it already wrote ("| 4 | Takoradi | ..." again), and each repeat would be one more
+    wrong row in the answer. The first row wins, as swarm.fan_out.distinct keeps a list's first item."""
+    out, kept, dropped, repeats = _filter_rows(f, text)
+    return out, kept, dropped + repeats
 
 
 def filter_answer(f: RowFilter | None, text: str) -> tuple[str, str]:
     """(the answer `f` leaves, a note saying what it did for the job's events); no filter: (text, "")."""
     if f is None:
         return text, ""
-    out, kept, dropped = apply_row_filter(f, text)
-    if kept + dropped == 0:
+    out, kept, dropped, repeats = _filter_rows(f, text)
+    total = kept + dropped + repeats
+    if total == 0:
         return text, f"keep_rows ({f.describe()}): no table row under a column {f.column!r}; nothing filtered"
-    return out, f"keep_rows ({f.describe()}): kept {kept} of {kept + dropped} rows"
+    note = f"keep_rows ({f.describe()}): kept {kept} of {total} rows"
+    return out, note + (f" ({repeats} repeated {'row' if repeats == 1 else 'rows'} dropped)" if repeats else "")

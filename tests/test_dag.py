@@ -176,11 +176,15 @@ def test_example_jobs_parse_and_their_plans_validate():
     """The README points operators at examples/*_job.json: each must be a valid job as shipped."""
     from pathlib import Path
 
+    from planner.envs.corpus import default_corpus_path
     from swarm.plans import JobSpec
 
     files = sorted((Path(__file__).resolve().parent.parent / "examples").glob("*_job.json"))
     assert {f.name for f in files} >= {"plan_job.json", "task_job.json", "fan_out_job.json", "filter_job.json"}
     for f in files:
         spec = JobSpec.model_validate_json(f.read_text())
+        # They name the corpus `swarm corpus` builds: its file name carries the corpus version.
+        if spec.tools.search_corpus is not None:
+            assert Path(spec.tools.search_corpus).name == default_corpus_path().name, f.name
         if spec.plan is not None:
             validate_plan(spec.plan, spec.limits, {"search", "calculator", "python", "http_get"})

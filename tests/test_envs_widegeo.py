@@ -169,6 +169,26 @@ def test_every_country_list_has_contents_naming_its_parts(corpus: Path, docs: di
         assert top == first if first.endswith("contents") else (top.startswith(first) and top[-1].isdigit()), (q, top)
 
 
+def test_every_country_has_a_neighbours_list_its_lister_query_finds(corpus: Path, docs: dict[str, dict[str, str]]) -> None:
+    """Each country's land neighbours are a list document of their own, in the order its country
+    document names them ("none" for an island), and the query a neighbours lister writes, the words of
+    its task, finds it first (Guinea's second, after Guinea-Bissau's, which names Guinea twice)."""
+    data = load_geodata()
+    first = 0
+    for iso, c in data.countries.items():
+        names = [n.name for n in data.neighbours_of(iso)]
+        doc = docs[f"list:neighbours:{iso}"]
+        assert doc["title"] == f"Neighbouring countries of {c.name}"
+        assert doc["text"] == f"Countries that share a land border with {c.name}: {'; '.join(names) or 'none'}."
+        if names:
+            assert f"Neighbouring countries of {c.name}: {', '.join(names)}." in docs[f"country:{iso}"]["text"]
+        hits = [h.doc.id for h in search_corpus(corpus, f"Countries that share a land border with {c.name}", 2)]
+        assert f"list:neighbours:{iso}" in hits, (c.name, hits)
+        first += hits[0] == f"list:neighbours:{iso}"
+    assert first >= len(data.countries) - 1
+    assert docs["list:neighbours:AU"]["text"] == "Countries that share a land border with Australia: none."
+
+
 def test_every_held_out_city_window_finds_its_list_document_first(env: WideGeoEnv, corpus: Path) -> None:
     """The query a city sub-agent writes for its window of a held-out task ("Most populous cities of
     Uruguay ranks 16 to 30") finds the list document of those ranks at rank 1. With bm25s's defaults

@@ -126,3 +126,20 @@ def test_eval_on_the_train_split_runs_the_pool_parl_samples(ray_local, endpoint,
     assert "of the train split (seed 3)" in r.output
     r = runner.invoke(app, ["eval", "widegeo", "--split", "dev"])
     assert r.exit_code == 2 and "--split must be 'test' or 'train', got 'dev'" in r.output
+
+
+def test_eval_on_the_second_held_out_set(ray_local, endpoint, tmp_path) -> None:
+    # v2 is another draw of held-out tasks (seed 7,000,003): its ids are not v1's.
+    env = get_env("widegeo")
+    v1 = {t.id for t in env.eval_set("v1")}
+    task = select_tasks(env.eval_set("v2"), n=1, max_rows=3)[0]
+    assert "-s7000003-" in task.id and task.id not in v1
+    endpoint.enqueue(completion(gold_table(task)))
+    out = tmp_path / "v2.jsonl"
+    r = runner.invoke(app, ["eval", "widegeo", "--eval-set", "v2", "--n", "1", "--max-rows", "3",
+                            "--policy", "swarm", "--orchestrator", "agent", "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    assert [x["task_id"] for x in read_jsonl(out)] == [task.id]
+    assert "of eval set v2" in r.output
+    r = runner.invoke(app, ["eval", "widegeo", "--eval-set", "v9"])
+    assert r.exit_code == 2 and "no eval set 'v9'" in r.output and "widegeo-v2" in r.output

@@ -88,3 +88,34 @@ def test_a_filter_reads_from_one_phrase(text, column, op, value):
 def test_a_phrase_without_an_operator_is_refused_with_the_operators_listed():
     with pytest.raises(ValidationError, match="is not 'COLUMN OP VALUE'.*more than"):
         RowFilter.model_validate("population roughly five million")
+
+
+LOOPED_RANKING = """| rank | city | population |
+|---|---|---|
+| 1 | Kumasi | 2,544,530 |
+| 2 | Accra | 1,963,264 |
+| 3 | Tamale | 464,316 |
+| 2 | Accra | 1,963,264 |
+| 3 | Teshi Old Town | 144,013 |
+| 9 | Obuasi | 175,043 |
+| 3 | Tamale | 464,316 |"""
+
+
+def test_a_looped_ranking_keeps_the_first_row_of_each_rank():
+    # A copy that loops back over its ranking: exact repeats and a second row for rank 3 go, the
+    # first row of every rank stays, and the rank past the window fails the condition as before.
+    out, note = filter_answer(RowFilter.model_validate("rank at most 8"), LOOPED_RANKING)
+    rows = [ln for ln in out.splitlines()[2:]]
+    assert rows == ["| 1 | Kumasi | 2,544,530 |", "| 2 | Accra | 1,963,264 |", "| 3 | Tamale | 464,316 |"]
+    assert note == "keep_rows (rank <= 8): kept 3 of 7 rows (3 repeated rows dropped)"
+    assert apply_row_filter(RowFilter.model_validate("rank at most 8"), LOOPED_RANKING)[1:] == (3, 4)
+
+
+def test_repeats_are_dropped_per_table_and_only_whole_rows_outside_unique_columns():
+    text = ("| country | population |\n|---|---|\n| Peru | 31,989,256 |\n| Peru | 31,989,256 |\n"
+            "| Peru | 32,000,000 |\n\n| country | population |\n|---|---|\n| Peru | 31,989,256 |")
+    out, kept, dropped = apply_row_filter(RowFilter(column="population", op=">", value="1"), text)
+    # The exact repeat in the first table goes; a differing row for the same country is not a repeat
+    # (no unique column says so), and the second table keeps its own copy.
+    assert (kept, dropped) == (3, 1)
+    assert out.count("| Peru | 31,989,256 |") == 2 and "| Peru | 32,000,000 |" in out

@@ -405,3 +405,23 @@ def test_filtering_plans_state_the_condition_as_keep_and_their_copies_write_ever
         assert set(rows) == gold and len(rows) == len(gold), tr.task.id
         seen.add(t)
     assert seen == {"continent_countries", "language_countries"}
+
+
+def test_a_neighbours_lister_copies_the_countrys_own_list(traced) -> None:
+    """Trace version 11: the lister searches the words of its task and copies the list document's
+    names as they stand ("A; B; C"), not the comma-separated field of the country document."""
+    seen = 0
+    for tr in traced[1]:
+        if tr.task.meta["template"] != "neighbours":
+            continue
+        lister = next(c for c in tr.conversations if c.kind == "subagent"
+                      and c.messages[1]["content"].startswith("List the countries that share a land border with "))
+        subject = lister.messages[1]["content"].removeprefix("List the countries that share a land border with ").split(".")[0]
+        call = lister.messages[2]["tool_calls"][0]["function"]
+        assert json.loads(call["arguments"])["query"] == f"Countries that share a land border with {subject}"
+        result, answer = lister.messages[3]["content"], lister.messages[-1]["content"]
+        assert "id=list:neighbours:" in result
+        names = answer.removeprefix("Countries: ")
+        assert f"Countries that share a land border with {subject}: {names}." in result
+        seen += 1
+    assert seen

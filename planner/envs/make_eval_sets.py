@@ -20,6 +20,10 @@ from planner.envs.base import EVAL_SETS_DIR, EvalSetFile, eval_set_path
 EVAL_SET_SPECS: dict[tuple[str, str], tuple[int, int]] = {
     ("widegeo", "v1"): (7_000_001, 30),
     ("deepgeo", "v1"): (7_000_002, 30),
+    # v2: a second held-out set, written after stage 23 was chosen on v1, so a policy can be judged
+    # on tasks nothing was selected on.
+    ("widegeo", "v2"): (7_000_003, 30),
+    ("deepgeo", "v2"): (7_000_004, 30),
 }
 
 
