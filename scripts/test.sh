@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs everything the tests need (incl. Debian Chromium for the browser tests), then runs the whole
-# suite (CPU; about 5 minutes on 2 cores).
+# suite (CPU; about 10 minutes on 2 cores).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh test

@@ -131,7 +131,10 @@ def _filter_rows(f: RowFilter, text: str) -> tuple[str, int, int, int]:
     out: list[str] = []
     kept = dropped = repeats = 0
     col = None  # index of the filtered column in the table being read, None outside such a table
-    seen: set = set()  # the rows (and, for a unique column, the values) kept in that table so far
+    # A row is a repeat when its key was kept before in the same table: the whole row, or for a unique
+    # column its value alone (two rows with the same rank are one too many, equal or not).
+    unique = _norm(f.column) in UNIQUE_COLUMNS
+    seen: set = set()
     i = 0
     while i < len(lines):
         line = lines[i]
@@ -142,11 +145,11 @@ def _filter_rows(f: RowFilter, text: str) -> tuple[str, int, int, int]:
                 dropped += 1
             else:
                 row = tuple(_norm(c) for c in cells)
-                key = ("value", row[col]) if _norm(f.column) in UNIQUE_COLUMNS else ("row", row)
-                if key in seen or ("row", row) in seen:
+                key = row[col] if unique else row
+                if key in seen:
                     repeats += 1
                 else:
-                    seen |= {key, ("row", row)}
+                    seen.add(key)
                     out.append(line)
                     kept += 1
             i += 1

@@ -121,9 +121,10 @@ def _chunks(items: list, size: int) -> Iterator[tuple[int, list]]:
 
 def neighbours_doc(country: Country, names: list[str]) -> dict[str, str]:
     """A country's land neighbours as a list of their own, in the order its country document names
-    them ("none" for an island: its document answers the same query words). A lister copies "A; B; C" from it as it copies a part of a continent's list: from the
-    country document it had to turn "A, B, C" into "A; B; C" in the middle of a longer text, and
-    stage 22 stopped after 3 of Brazil's 10 neighbours and garbled Kenya's."""
+    them ("none" for an island: its document answers the same query words). A lister copies "A; B; C"
+    from it as it copies a part of a continent's list: from the country document it had to turn
+    "A, B, C" into "A; B; C" in the middle of a longer text, and stage 22 stopped after 3 of Brazil's
+    10 neighbours and garbled Kenya's."""
     return {
         "id": f"list:neighbours:{country.iso}",
         "title": f"Neighbouring countries of {country.name}",
