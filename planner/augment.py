@@ -8,6 +8,14 @@ list an assistant wrote) becomes a made-up name, and every large number a random
 shape, consistently across the whole conversation (task, queries, tool results, answers). Memory
 cannot predict those tokens; copying can.
 
+With a twin share, some fake names end like a name given earlier in the same conversation
+("Nigeria" after "Liberia"). A list copied by matching only its last few tokens then resumes after
+the wrong name: stage 23 copied Africa's "...; Niger; Nigeria;" and went on with Liberia's successor
+"Libya", looping and losing 11 countries (docs/policy.md, "Session 15"). Twins make that shortcut
+cost loss in training, so the copy has to match more of what precedes it. With a word share, some
+start with a word of a train-split name ("Republic Lelystad"), so words the BPE made single tokens
+are copied at the start of a name too.
+
 Numbers keep their digit count and leading digit, so comparisons with the tasks' thresholds
 (more than 50,000 / 1,000,000 / 5,000,000 / 20,000,000) come out as in the original.
 """
@@ -17,6 +25,7 @@ from __future__ import annotations
 import json
 import random
 import re
+from collections import defaultdict
 from dataclasses import replace
 from functools import lru_cache
 from typing import Any, Literal, get_args
@@ -37,6 +46,10 @@ _PLACE_NAME = re.compile(r"[A-Z][A-Za-z' -]{2,19}")
 FakeNames = Literal["syllables", "places", "places+countries"]
 FAKE_NAME_KINDS: tuple[str, ...] = get_args(FakeNames)
 COUNTRY_NAME_SHARE = 1 / 3  # "places+countries": the share of fake names drawn from country_names()
+# Letters a twin name shares with the end of an earlier one: 5 if any name has them, else 4. With the
+# policy's BPE, 4 letters are ~2 tokens, so "name;" matches its twin's last 3 tokens ("er" "ia" ";").
+TWIN_ENDINGS = (5, 4)
+_NAME_WORD = re.compile(r"[A-Z][a-z]{2,}")
 
 
 @lru_cache(maxsize=1)
@@ -103,6 +116,56 @@ def fake_name(rng: random.Random, taken: set[str], like: str = "", kind: FakeNam
             return name
 
 
+@lru_cache(maxsize=1)
+def _names_by_ending() -> dict[str, tuple[str, ...]]:
+    """Train-split place, country and currency names by their last 5 and last 4 letters (folded case)."""
+    index: dict[str, list[str]] = defaultdict(list)
+    for name in sorted(set(place_names()) | set(country_names())):
+        for k in TWIN_ENDINGS:
+            if len(name) > k:
+                index[name[-k:].lower()].append(name)
+    return {ending: tuple(names) for ending, names in index.items()}
+
+
+def twin_name(rng: random.Random, taken: set[str], of: str) -> str | None:
+    """A train-split place or country name not in `taken` that ends in the same 5 (else 4) letters as
+    `of` ("Nigeria" for "Liberia"), or None when there is none."""
+    index = _names_by_ending()
+    for k in TWIN_ENDINGS:
+        # Not "New London" when "London" is taken: the taken name would show through the fake one.
+        options = [n for n in index.get(of[-k:].lower(), ()) if n not in taken
+                   and not any(n[i + 1:] in taken for i, ch in enumerate(n) if ch in " -")] if len(of) > k else []
+        if options:
+            name = rng.choice(options)
+            taken.add(name)
+            return name
+    return None
+
+
+@lru_cache(maxsize=1)
+def name_words() -> tuple[str, ...]:
+    """Capitalised words of train-split country, currency and capital names ("Republic", "Kingdom",
+    "Saint", "Dominican"), minus any that is itself a test-split name."""
+    data = load_geodata()
+    test = _test_entity_names()
+    words = {w for c in data.countries.values() if split_of_country(data, c.iso) == "train"
+             for n in (c.name, c.currency_name, c.capital) if n for w in _NAME_WORD.findall(n)}
+    return tuple(sorted(w for w in words if fold(w) not in test))
+
+
+def word_name(rng: random.Random, taken: set[str]) -> str:
+    """A fake name that starts with a word of a train-split name, then a train-split city name
+    ("Republic Lelystad"). The policy's BPE made such words single tokens (" Republic"), and fake
+    names never put one first in a list item, so stage 25 could not copy "Republic of the Congo"
+    after "Nigeria;" and wrote " DKK" (docs/policy.md, "Session 16"). These names make each word
+    a copy target at the start of a name."""
+    while True:
+        name = f"{rng.choice(name_words())} {rng.choice(place_names())}"
+        if name not in taken:
+            taken.add(name)
+            return name
+
+
 def fake_number(text: str, rng: random.Random) -> str:
     """Random digits in the shape of `text` (same grouping, same leading digit)."""
     digits = [c for c in text if c.isdigit()]
@@ -137,10 +200,22 @@ def task_entities(trace: TaskTrace, languages: bool = False) -> list[str]:
 
 
 def _rewrite(text: str, names_re: re.Pattern[str] | None, mapping: dict[str, str], rng: random.Random,
-             taken: set[str], kind: FakeNames) -> str:
+             taken: set[str], kind: FakeNames, twin_share: float, word_share: float, given: list[str]) -> str:
     def name(m: re.Match[str]) -> str:
         if m.group(0) not in mapping:
-            mapping[m.group(0)] = fake_name(rng, taken, m.group(0), kind)
+            new = None
+            is_code = bool(_CODE.fullmatch(m.group(0)))  # a currency code stays a code
+            # No random draw without twins or word names: data built before they existed stays
+            # byte-identical.
+            if twin_share and not is_code and given and rng.random() < twin_share:
+                new = twin_name(rng, taken, rng.choice(given))
+            if word_share and not is_code and new is None and rng.random() < word_share:
+                new = word_name(rng, taken)
+            if new is None:
+                new = fake_name(rng, taken, m.group(0), kind)
+            if not is_code:
+                given.append(new)
+            mapping[m.group(0)] = new
         return mapping[m.group(0)]
 
     def number(m: re.Match[str]) -> str:
@@ -154,19 +229,29 @@ def _rewrite(text: str, names_re: re.Pattern[str] | None, mapping: dict[str, str
 
 
 def fake_entity_copy(conv: Conversation, entities: list[str], seed: str,
-                     names: FakeNames = "syllables") -> Conversation:
+                     names: FakeNames = "syllables", twin_share: float = 0.0, word_share: float = 0.0,
+                     ) -> Conversation:
     """`conv` with `entities` and large numbers renamed consistently (see module doc; `names` picks how
-    fake names are made, see `fake_name`); system prompts and tool definitions are left as they are."""
+    fake names are made, see `fake_name`; `twin_share` of them, where one exists, end like a fake name
+    given earlier, see `twin_name`; `word_share` of the rest start with a word of a train-split name,
+    see `word_name`); system prompts and tool definitions are left as they are."""
     if names not in FAKE_NAME_KINDS:
         raise ValueError(f"fake names {names!r}: choose from {list(FAKE_NAME_KINDS)}")
+    for what, share in (("twin", twin_share), ("word", word_share)):
+        if not 0.0 <= share < 1.0:
+            raise ValueError(f"{what} share {share}: a share of fake names, from 0 up to (not including) 1")
+        if share and names == "syllables":
+            raise ValueError(f"{what} names are made of real train-split names: use fake names 'places' or "
+                             "'places+countries'")
     rng = random.Random(seed)
     names_re = (re.compile(r"(?<!\w)(?:" + "|".join(re.escape(e) for e in entities) + r")(?!\w)")
                 if entities else None)
     mapping: dict[str, str] = {}
     taken: set[str] = set(entities)
+    given: list[str] = []
 
     def fix(text: str) -> str:
-        return _rewrite(text, names_re, mapping, rng, taken, names)
+        return _rewrite(text, names_re, mapping, rng, taken, names, twin_share, word_share, given)
 
     messages: list[dict[str, Any]] = []
     for m in conv.messages:

@@ -29,7 +29,7 @@ from typing import Any, Iterator, Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from model_shards.checkpoint import load_checkpoint, save_checkpoint
 from model_shards.config import ModelConfig
@@ -87,6 +87,14 @@ class SFTConfig(BaseModel):
     # "places+countries" also draws train-split country and currency names (a third of the time), so
     # their tokens are written as copy targets (docs/policy.md, "Session 9").
     fake_names: FakeNames = "syllables"
+    # The share of fake names that end like one given earlier in the conversation ("Nigeria" after
+    # "Liberia", planner.augment.twin_name): a copy that matches only a list's last few tokens then
+    # loses loss, as it lost 11 of Africa's countries in stage 23.
+    twin_names: float = Field(0.0, ge=0, lt=1)
+    # The share of the other fake names that start with a word of a train-split name ("Republic
+    # Lelystad", planner.augment.word_name): the policy's BPE made such words single tokens that no
+    # fake name put first, and stage 25 could not copy "Republic of the Congo".
+    word_names: float = Field(0.0, ge=0, lt=1)
     # Train on the renamed copies only: a real train-split name in the training data is one the model
     # can recall instead of copy, and that habit is what fails on held-out countries.
     fake_only: bool = False
@@ -125,6 +133,15 @@ class SFTConfig(BaseModel):
         if bad:
             raise ValueError(f"repeat {bad}: kinds must be among {list(KINDS)} and counts >= 1")
         return v
+
+    @model_validator(mode="after")
+    def _twins_need_place_names(self) -> "SFTConfig":
+        # Checked here, not after minutes of trace synthesis.
+        for name in ("twin_names", "word_names"):
+            if getattr(self, name) and self.fake_names == "syllables":
+                raise ValueError(f"{name} draws real train-split place names: set fake_names to 'places' "
+                                 "or 'places+countries'")
+        return self
 
 
 @dataclass
@@ -181,15 +198,18 @@ def build_data(cfg: SFTConfig, max_len: int, out_dir: Path | None = None) -> tup
         traces = synthesized["train"][0]
         for tr in traces:
             entities = task_entities(tr, cfg.fake_languages)
-            fakes = [fake_entity_copy(c, entities, f"{cfg.seed}/{c.task_id}/{i}/{k}", cfg.fake_names)
+            fakes = [fake_entity_copy(c, entities, f"{cfg.seed}/{c.task_id}/{i}/{k}", cfg.fake_names,
+                                      cfg.twin_names, cfg.word_names)
                      for i, c in enumerate(list(tr.conversations)) if c.kind in cfg.kinds
                      for k in range(cfg.fake_entity_copies)]
             tr.conversations = fakes if cfg.fake_only else tr.conversations + fakes
         eval_fake = [encode_conversation(fake_entity_copy(c, task_entities(tr, cfg.fake_languages),
-                                                          f"eval/{c.task_id}/{i}", cfg.fake_names), tok)
+                                                          f"eval/{c.task_id}/{i}", cfg.fake_names, cfg.twin_names,
+                                                          cfg.word_names), tok)
                      for tr in synthesized["eval"][0] for i, c in enumerate(tr.conversations) if c.kind in cfg.kinds]
-    elif cfg.fake_only or cfg.fake_languages:
-        flag = "--fake-only" if cfg.fake_only else "--fake-languages"
+    elif cfg.fake_only or cfg.fake_languages or cfg.twin_names or cfg.word_names:
+        flag = ("--fake-only" if cfg.fake_only else "--fake-languages" if cfg.fake_languages
+                else "--twin-names" if cfg.twin_names else "--word-names")
         raise ValueError(f"{flag} needs --fake-entity-copies >= 1 (it acts on the renamed copies)")
     else:
         eval_fake = []
@@ -341,7 +361,8 @@ def _state_config(cfg: SFTConfig) -> dict[str, Any]:
 
 # The config fields that decide the encoded data (with the tokenizer's identity, see data_key).
 _DATA_FIELDS = ("preset", "max_len", "train_tasks", "eval_tasks", "data_seed", "kinds", "tokenizer",
-                "fake_entity_copies", "fake_names", "fake_only", "seed", "spaced_names", "fake_languages")
+                "fake_entity_copies", "fake_names", "fake_only", "seed", "spaced_names", "fake_languages",
+                "twin_names", "word_names")
 
 
 def data_key(cfg: SFTConfig) -> dict[str, Any]:
@@ -631,6 +652,12 @@ def _parse(argv: list[str] | None) -> tuple[SFTConfig, bool, int | None, bool]:
     p.add_argument("--fake-names", default="syllables", choices=list(FAKE_NAME_KINDS),
                    help="fake names: pronounceable syllables, real train-split city names drawn at random, or "
                         "those plus train-split country and currency names (places+countries)")
+    p.add_argument("--twin-names", type=float, default=0.0, metavar="SHARE",
+                   help="share of fake names that end like an earlier one (Nigeria after Liberia), so list "
+                        "copies must match more than a short suffix (needs --fake-names places[+countries])")
+    p.add_argument("--word-names", type=float, default=0.0, metavar="SHARE",
+                   help="share of fake names that start with a word of a train-split name (Republic Lelystad), "
+                        "so such words are copied at the start of a name (needs --fake-names places[+countries])")
     p.add_argument("--fake-only", action="store_true", help="train on the renamed copies only (no real train names)")
     p.add_argument("--fake-languages", action="store_true", help="rename a language task's language in the fake copies too")
     p.add_argument("--spaced-names", action="store_true",

@@ -9,7 +9,8 @@ import re
 import pytest
 
 from planner.envs.widegeo import task_subject
-from planner.augment import country_names, fake_entity_copy, fake_name, fake_number, place_names, task_entities
+from planner.augment import (country_names, fake_entity_copy, fake_name, fake_number, place_names, task_entities,
+                             name_words, twin_name, word_name)
 from planner.envs.geodata import fold, load_geodata, split_of_country
 from planner.envs import get_env
 from planner.traces import synthesize
@@ -158,3 +159,64 @@ def test_the_parts_of_a_list_keep_their_words(traces):
                 assert fake_entity_copy(conv, entities, f"p/{i}").messages[-1]["content"] == answer
                 checked += 1
     assert checked
+
+
+def test_twin_names_end_like_an_earlier_name_in_the_same_list():
+    rng, taken = random.Random(0), {"Liberia"}
+    twin = twin_name(rng, taken, "Liberia")
+    assert twin != "Liberia" and twin[-4:].lower() == "eria" and twin in taken
+    assert twin in set(place_names()) | set(country_names())
+    assert twin_name(rng, set(), "Qx") is None  # too short to share an ending: the caller draws a plain fake
+
+    # A lister's conversation: with twins, its copied list holds names that end alike, which without
+    # twins it (almost) never does; the renaming stays consistent across the whole conversation.
+    env = get_env("widegeo")
+    task = next(t for t in env.tasks("train", 40, seed=18) if t.meta["template"] == "continent_countries")
+    trace = synthesize(env, [task], spaced_names=True)[0][0]
+    entities = task_entities(trace)
+    lister = next(c for c in trace.conversations if c.kind == "subagent" and "part" in c.messages[1]["content"]
+                  and c.messages[-1]["content"].startswith("Countries:"))
+
+    def shared_endings(conv) -> int:
+        items = conv.messages[-1]["content"].removeprefix("Countries:").strip(" .").split("; ")
+        return sum(any(a[-4:].lower() == b[-4:].lower() for b in items[:i]) for i, a in enumerate(items))
+
+    with_twins = [fake_entity_copy(lister, entities, f"t/{k}", "places+countries", twin_share=0.3) for k in range(5)]
+    without = [fake_entity_copy(lister, entities, f"t/{k}", "places+countries") for k in range(5)]
+    assert sum(map(shared_endings, with_twins)) >= 5 * sum(map(shared_endings, without)) + 10
+    for fake in with_twins:
+        answer_items = fake.messages[-1]["content"].removeprefix("Countries:").strip(" .").split("; ")
+        tool_text = "\n".join(m["content"] for m in fake.messages if m["role"] == "tool")
+        assert all(item in tool_text for item in answer_items)  # the answer still copies the results
+        assert not set(answer_items) & set(entities)  # every listed name was renamed
+    # Without twins the data is what it was before twins existed: no extra random draw.
+    assert fake_entity_copy(lister, entities, "t/0", "places+countries", twin_share=0.0) == without[0]
+    with pytest.raises(ValueError, match="twin names are made of real train-split names"):
+        fake_entity_copy(lister, entities, "t/0", "syllables", twin_share=0.3)
+    with pytest.raises(ValueError, match="twin share 1.0"):
+        fake_entity_copy(lister, entities, "t/0", "places", twin_share=1.0)
+
+
+def test_word_names_put_words_of_train_names_first():
+    words = set(name_words())
+    assert {"Republic", "Kingdom", "Saint"} <= words
+    data = load_geodata()
+    test = {fold(c.name) for c in data.countries.values() if split_of_country(data, c.iso) == "test"}
+    assert not {fold(w) for w in words} & test  # "Guinea" or "Congo" would be a test name
+    rng, taken = random.Random(4), set()
+    names = [word_name(rng, taken) for _ in range(50)]
+    assert len(set(names)) == 50 and set(names) <= taken
+    assert all(n.split(" ", 1)[0] in words and n.split(" ", 1)[1] in place_names() for n in names)
+
+    env = get_env("widegeo")
+    task = next(t for t in env.tasks("train", 40, seed=18) if t.meta["template"] == "continent_countries")
+    trace = synthesize(env, [task], spaced_names=True)[0][0]
+    entities = task_entities(trace)
+    lister = next(c for c in trace.conversations if c.kind == "subagent"
+                  and c.messages[-1]["content"].startswith("Countries:"))
+    items = fake_entity_copy(lister, entities, "w/0", "places+countries",
+                             word_share=0.5).messages[-1]["content"].removeprefix("Countries:").strip(" .").split("; ")
+    led = [i for i in items if i.split(" ", 1)[0] in words and " " in i]
+    assert len(items) >= 10 and 0.2 * len(items) <= len(led) <= 0.85 * len(items)
+    with pytest.raises(ValueError, match="word share 1.5"):
+        fake_entity_copy(lister, entities, "w/0", "places", word_share=1.5)

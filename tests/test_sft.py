@@ -375,6 +375,26 @@ def test_spaced_names_and_fake_languages_are_part_of_the_data_recipe(tmp_path):
         build_data(SFTConfig(preset="tiny", out=str(tmp_path), train_tasks=1, eval_tasks=0, fake_languages=True), 4096)
 
 
+def test_twin_names_are_part_of_the_data_recipe_and_need_place_names(tmp_path):
+    cfg, _, _ = parse_args(["--out", str(tmp_path), "--fake-entity-copies", "1", "--fake-names", "places+countries",
+                            "--twin-names", "0.3"])
+    assert cfg.twin_names == 0.3 and parse_args(_argv_of(cfg))[0] == cfg
+    assert planner.sft.data_key(cfg) != planner.sft.data_key(cfg.model_copy(update={"twin_names": 0.0}))
+    with pytest.raises(ValueError, match="set fake_names to 'places'"):
+        parse_args(["--out", str(tmp_path), "--fake-entity-copies", "1", "--twin-names", "0.3"])
+    with pytest.raises(ValueError, match="less than 1"):
+        parse_args(["--out", str(tmp_path), "--fake-names", "places", "--twin-names", "1"])
+    words = parse_args(["--out", str(tmp_path), "--fake-entity-copies", "1", "--fake-names", "places",
+                        "--word-names", "0.2"])[0]
+    assert words.word_names == 0.2 and parse_args(_argv_of(words))[0] == words
+    assert planner.sft.data_key(words) != planner.sft.data_key(words.model_copy(update={"word_names": 0.0}))
+    with pytest.raises(ValueError, match="word_names draws real train-split place names"):
+        parse_args(["--out", str(tmp_path), "--fake-entity-copies", "1", "--word-names", "0.2"])
+    with pytest.raises(ValueError, match="--twin-names needs --fake-entity-copies"):
+        build_data(SFTConfig(preset="tiny", out=str(tmp_path), train_tasks=1, eval_tasks=0, fake_names="places",
+                             twin_names=0.2), 4096)
+
+
 def test_repeat_draws_the_examples_of_a_kind_more_often_and_bad_values_are_named():
     from planner.sft import _parse, repeated
     from planner.traces import EncodedExample
