@@ -397,8 +397,8 @@ def eval_cmd(
         None, "--subagent-checkpoint", help="run the sub-agents (and the single agent) on this checkpoint, the "
         "orchestrator on the model above: how `swarm train` runs them (e.g. a PARL checkpoint over planner/builtin_policy)"),
     eval_set: str = typer.Option(
-        "v1", "--eval-set", help="which fixed held-out set (planner/eval_sets/ENV-VERSION.json): v1, or v2, "
-        "a second set no policy was chosen on"),
+        "v1", "--eval-set", help="which fixed held-out set (planner/eval_sets/ENV-VERSION.json): v1, or v2 or v3, "
+        "sets no built-in policy was chosen on"),
 ) -> None:
     """Evaluate on ENV's fixed eval set: item-F1, row-F1, critical steps, wall time, sub-agents and tool
     calls per task for the swarm and a single agent, with their means; writes a JSONL. The model is
