@@ -13,7 +13,7 @@ from planner.augment import (country_names, fake_entity_copy, fake_name, fake_nu
                              name_words, twin_name, word_name)
 from planner.envs.geodata import fold, load_geodata, split_of_country
 from planner.envs import get_env
-from planner.traces import synthesize
+from planner.traces import Conversation, synthesize
 
 
 @pytest.fixture(scope="module")
@@ -189,8 +189,19 @@ def test_twin_names_end_like_an_earlier_name_in_the_same_list():
         tool_text = "\n".join(m["content"] for m in fake.messages if m["role"] == "tool")
         assert all(item in tool_text for item in answer_items)  # the answer still copies the results
         assert not set(answer_items) & set(entities)  # every listed name was renamed
-    # Without twins the data is what it was before twins existed: no extra random draw.
-    assert fake_entity_copy(lister, entities, "t/0", "places+countries", twin_share=0.0) == without[0]
+    # Without twins or word names the data is what it was before they existed (no extra random
+    # draw): this output was produced by the code of commit 4ee54fc.
+    pinned = Conversation("subagent", "t", "continent_countries", [
+        {"role": "system", "content": "sys"},
+        {"role": "user", "content": "List the countries of Africa."},
+        {"role": "tool", "content": "Countries of Africa: Liberia; Libya; Niger; Nigeria; Algeria (EUR); "
+                                    "population 12,345,678."},
+        {"role": "assistant", "content": "Countries: Liberia; Libya; Niger; Nigeria; Algeria"}])
+    renamed = fake_entity_copy(pinned, ["Liberia", "Libya", "Nigeria", "Niger", "Algeria", "Africa", "EUR"],
+                               "pin/0", "places+countries")
+    assert renamed.messages[2]["content"] == ("Countries of Fennpfuhl: Ladner; Vicaria; Canary Wharf; Liechtenstein; "
+                                              "India (GWE); population 18,929,519.")
+    assert renamed.messages[3]["content"] == "Countries: Ladner; Vicaria; Canary Wharf; Liechtenstein; India"
     with pytest.raises(ValueError, match="twin names are made of real train-split names"):
         fake_entity_copy(lister, entities, "t/0", "syllables", twin_share=0.3)
     with pytest.raises(ValueError, match="twin share 1.0"):
