@@ -26,6 +26,7 @@ import json
 import random
 import re
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import replace
 from functools import lru_cache
 from typing import Any, Literal, get_args
@@ -199,35 +200,6 @@ def task_entities(trace: TaskTrace, languages: bool = False) -> list[str]:
     return sorted(names, key=len, reverse=True)  # longest first: "Guinea-Bissau" before "Guinea"
 
 
-def _rewrite(text: str, names_re: re.Pattern[str] | None, mapping: dict[str, str], rng: random.Random,
-             taken: set[str], kind: FakeNames, twin_share: float, word_share: float, given: list[str]) -> str:
-    def name(m: re.Match[str]) -> str:
-        if m.group(0) not in mapping:
-            new = None
-            is_code = bool(_CODE.fullmatch(m.group(0)))  # a currency code stays a code
-            # No random draw without twins or word names: data built before they existed stays
-            # byte-identical.
-            if twin_share and not is_code and given and rng.random() < twin_share:
-                new = twin_name(rng, taken, rng.choice(given))
-            if word_share and not is_code and new is None and rng.random() < word_share:
-                new = word_name(rng, taken)
-            if new is None:
-                new = fake_name(rng, taken, m.group(0), kind)
-            if not is_code:
-                given.append(new)
-            mapping[m.group(0)] = new
-        return mapping[m.group(0)]
-
-    def number(m: re.Match[str]) -> str:
-        if m.group(0) not in mapping:
-            mapping[m.group(0)] = fake_number(m.group(0), rng)
-        return mapping[m.group(0)]
-
-    if names_re is not None:
-        text = names_re.sub(name, text)
-    return GROUPED_NUMBER.sub(number, text)
-
-
 def fake_entity_copy(conv: Conversation, entities: list[str], seed: str,
                      names: FakeNames = "syllables", twin_share: float = 0.0, word_share: float = 0.0,
                      ) -> Conversation:
@@ -246,12 +218,33 @@ def fake_entity_copy(conv: Conversation, entities: list[str], seed: str,
     rng = random.Random(seed)
     names_re = (re.compile(r"(?<!\w)(?:" + "|".join(re.escape(e) for e in entities) + r")(?!\w)")
                 if entities else None)
-    mapping: dict[str, str] = {}
+    mapping: dict[str, str] = {}  # original name or number -> its stand-in, for the whole conversation
     taken: set[str] = set(entities)
-    given: list[str] = []
+    given: list[str] = []  # fake names given so far (not codes): what a twin may end like
+
+    def new_name(original: str) -> str:
+        is_code = bool(_CODE.fullmatch(original))  # a currency code stays a code
+        name = None
+        # No random draw without twins or word names: data built before they existed stays byte-identical.
+        if twin_share and not is_code and given and rng.random() < twin_share:
+            name = twin_name(rng, taken, rng.choice(given))
+        if word_share and not is_code and name is None and rng.random() < word_share:
+            name = word_name(rng, taken)
+        if name is None:
+            name = fake_name(rng, taken, original, names)
+        if not is_code:
+            given.append(name)
+        return name
+
+    def stand_in(original: str, make: Callable[[str], str]) -> str:
+        if original not in mapping:
+            mapping[original] = make(original)
+        return mapping[original]
 
     def fix(text: str) -> str:
-        return _rewrite(text, names_re, mapping, rng, taken, names, twin_share, word_share, given)
+        if names_re is not None:
+            text = names_re.sub(lambda m: stand_in(m.group(0), new_name), text)
+        return GROUPED_NUMBER.sub(lambda m: stand_in(m.group(0), lambda n: fake_number(n, rng)), text)
 
     messages: list[dict[str, Any]] = []
     for m in conv.messages:

@@ -135,7 +135,7 @@ class SFTConfig(BaseModel):
         return v
 
     @model_validator(mode="after")
-    def _twins_need_place_names(self) -> "SFTConfig":
+    def _shaped_names_need_place_names(self) -> "SFTConfig":
         # Checked here, not after minutes of trace synthesis.
         for name in ("twin_names", "word_names"):
             if getattr(self, name) and self.fake_names == "syllables":
@@ -207,10 +207,9 @@ def build_data(cfg: SFTConfig, max_len: int, out_dir: Path | None = None) -> tup
                                                           f"eval/{c.task_id}/{i}", cfg.fake_names, cfg.twin_names,
                                                           cfg.word_names), tok)
                      for tr in synthesized["eval"][0] for i, c in enumerate(tr.conversations) if c.kind in cfg.kinds]
-    elif cfg.fake_only or cfg.fake_languages or cfg.twin_names or cfg.word_names:
-        flag = ("--fake-only" if cfg.fake_only else "--fake-languages" if cfg.fake_languages
-                else "--twin-names" if cfg.twin_names else "--word-names")
-        raise ValueError(f"{flag} needs --fake-entity-copies >= 1 (it acts on the renamed copies)")
+    elif needs := [flag for flag, on in (("--fake-only", cfg.fake_only), ("--fake-languages", cfg.fake_languages),
+                                          ("--twin-names", cfg.twin_names), ("--word-names", cfg.word_names)) if on]:
+        raise ValueError(f"{needs[0]} needs --fake-entity-copies >= 1 (it acts on the renamed copies)")
     else:
         eval_fake = []
     out: dict[str, list[EncodedExample]] = {}
