@@ -135,7 +135,7 @@ class SFTConfig(BaseModel):
         return v
 
     @model_validator(mode="after")
-    def _shaped_names_need_place_names(self) -> "SFTConfig":
+    def _shaped_names_need_place_names(self) -> SFTConfig:
         # Checked here, not after minutes of trace synthesis.
         for name in ("twin_names", "word_names"):
             if getattr(self, name) and self.fake_names == "syllables":
