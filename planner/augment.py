@@ -177,9 +177,10 @@ def fake_number(text: str, rng: random.Random) -> str:
 
 def task_entities(trace: TaskTrace, languages: bool = False) -> list[str]:
     """Names to rename in this task's conversations: string cells of the gold rows, plus items of the
-    '; '-separated lists the assistant wrote (listers name more countries than the gold keeps), and
-    with `languages` the language a language task asks about (else a model can recall a language
-    from the training tasks instead of copying it from the task)."""
+    '; '-separated lists the assistant wrote (listers name more countries than the gold keeps), the
+    subjects of the list parts it named, and with `languages` the language a language task asks about
+    and the languages whose lists' parts it named (else a model can recall a language from the
+    training tasks instead of copying it from the task)."""
     names: set[str] = set()
     # The task's subject (the country or continent it is about) too: a held-out task names one the
     # model never saw, which the orchestrator and sub-agents must copy into subtasks and queries.
@@ -195,6 +196,13 @@ def task_entities(trace: TaskTrace, languages: bool = False) -> list[str]:
                     and not any(c in content for c in "|{")  # a list, not a table or a JSON plan,
                     and not content.startswith(PARTS_LABEL)):  # nor a list's parts ("first; second")
                 names.update(p for p in list_items(content) if len(p) >= _LIST_ITEM_MIN)
+            elif m.get("role") == "assistant" and isinstance(content, str) and content.startswith(PARTS_LABEL):
+                # A list's parts ("Parts: English first; English second"): their subject is a name, the
+                # part words are not. Renamed, a parts agent counts on after subjects of several tokens,
+                # as a held-out " A" "f" "r" "ica" is; with only the real ones, mostly one token,
+                # stage 28 wrote "Africa first; Africa second; Africa second" (trace version 12).
+                subjects = {p.rsplit(" ", 1)[0] for p in list_items(content.removeprefix(PARTS_LABEL)) if " " in p}
+                names.update(subjects if languages else subjects - set(LANGUAGE_NAMES.values()))
     if languages and trace.task.meta.get("template") == "language_countries":
         names.add(LANGUAGE_NAMES[trace.task.meta["params"]["language"]])
     return sorted(names, key=len, reverse=True)  # longest first: "Guinea-Bissau" before "Guinea"

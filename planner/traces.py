@@ -37,7 +37,7 @@ from typing import Any
 from planner.envs.base import Task
 from planner.envs.corpus import CITY_LIST_PART, NAME_LIST_PART, part_word, part_words
 from planner.envs.geodata import (CONTINENT_NAMES, LANGUAGE_NAMES, Country, GeoData, format_int, language_name,
-                                  split_of_country)
+                                  split_of_continent, split_of_country)
 from planner.plan_schema import CompactAgent, CompactPlan, compact_plan_json
 from planner.prompts import PLAN_MODE_PROMPT, SUBAGENT_SYSTEM_PROMPT
 from swarm.fan_out import (chunk_text, chunks, copy_id, copy_spec, list_items as fan_out_items, merge_results, range_task,
@@ -54,7 +54,7 @@ KINDS: tuple[str, ...] = ("subagent", "orchestrator_tools", "orchestrator_plan",
 AGENT_NAME = "geo_researcher"
 # Bumped whenever the traces built from the same tasks change (their form, or the search ranking they
 # show): encoded data files are keyed by it, so a stale file is rebuilt, not reused.
-TRACE_VERSION = 11
+TRACE_VERSION = 12
 LOOKUP_CHUNK = 3  # entities per lookup sub-agent: each lookup shows ~600 characters of results
 # City ranks per sub-agent: one list document each (CITY_LIST_PART ranks), so a copy never crosses
 # from one search result to another, where stage 17's copies of 10 (windows 11-20, 21-30 ...) looped.
@@ -306,14 +306,16 @@ def continent_part_text(cname: str) -> str:
             "receive. Answer with their names separated by '; '.")
 
 
-def run_list_parts(index: CorpusIndex, doc_prefix: str, list_words: str, n_parts: int) -> tuple[list[dict], str]:
-    """One search for a list's contents document (`doc_prefix`contents), whose "Parts: first; second"
-    the answer copies: the words a part's title is found by (version 8; before, the answer counted
-    the parts from a part's "(first part of 3)", and stages 18-19 wrote names there instead)."""
+def run_list_parts(index: CorpusIndex, doc_prefix: str, list_words: str, subject: str, n_parts: int
+                   ) -> tuple[list[dict], str]:
+    """One search for a list's contents document (`doc_prefix`contents), whose "Parts: Africa first;
+    Africa second" the answer copies: the words a part's title is found by (version 8; before, the
+    answer counted the parts from a part's "(first part of 3)", and stages 18-19 wrote names there
+    instead), each after the list's subject, the cue its lister copies the word by (version 12)."""
     run = _SubAgentRun(index, parts_task_text(list_words))
     q, k = _find_doc(index, f"{doc_prefix}contents", [f"contents of the alphabetical list of {list_words}"], max_k=1)
     run.step([(q, k)])
-    words = part_words(n_parts)
+    words = part_words(n_parts, subject)
     return run.messages, run.answer(PARTS_LABEL + words, [f"{PARTS_LABEL}{words}."])
 
 
@@ -436,6 +438,8 @@ class TraceBuilder:
             trace = self._build_cities(task)
         else:
             trace = self._build_listing(task)
+        if t in ("neighbours", "top_cities"):
+            trace.conversations.append(self._extra_parts(task))
         # A search may show a test-split country next to the wanted document (e.g. in a list of
         # another continent): such a conversation is dropped; the answers built from it name only
         # train entities, so the task's other conversations stay.
@@ -520,14 +524,14 @@ class TraceBuilder:
             members = self.data.countries_in(code)
             by_part = chunks([c.name for c in members], NAME_LIST_PART)
             parts_msgs, parts_ans = run_list_parts(self.index, f"list:continent:{code}:",
-                                                   f"countries and territories of {cname}", len(by_part))
+                                                   f"countries and territories of {cname}", cname, len(by_part))
             listers = [CompactAgent(name="parts", task=continent_parts_text(cname)),
                        CompactAgent(name="lister", task=continent_part_text(cname), depends_on=[1], for_each=1)]
             parts_spec, part_spec = CompactPlan(agents=listers).to_swarm_plan().subagents
             convs.append(Conversation("subagent", task.id, t, parts_msgs, self.search_tools))
             part_answers = []
             for k, names in enumerate(by_part, start=1):
-                user = compose_task_message(part_spec.task, [(parts_spec, chunk_text(PARTS_LABEL, [part_word(k)]))])
+                user = compose_task_message(part_spec.task, [(parts_spec, chunk_text(PARTS_LABEL, [f"{cname} {part_word(k)}"]))])
                 msgs, ans = run_continent_part(self.index, code, cname, k, names, user)
                 convs.append(Conversation("subagent", task.id, t, msgs, self.search_tools))
                 part_answers.append((copy_spec(part_spec, k), ans))
@@ -539,7 +543,8 @@ class TraceBuilder:
                 lang = task.meta["params"]["language"]
                 n_lang = math.ceil(sum(lang in c.languages for c in self.data.countries.values()) / NAME_LIST_PART)
                 l_msgs, _ = run_list_parts(self.index, f"list:language:{lang}:",
-                                           f"countries and territories where {LANGUAGE_NAMES[lang]} is spoken", n_lang)
+                                           f"countries and territories where {LANGUAGE_NAMES[lang]} is spoken",
+                                           LANGUAGE_NAMES[lang], n_lang)
                 convs.append(Conversation("subagent", task.id, t, l_msgs, self.search_tools))
             entities = [c for names in by_part for c in _in_order(members, names)]
         plan = CompactPlan(agents=[*listers, CompactAgent(name="filler", task=filler_text, depends_on=[len(listers)],
@@ -568,6 +573,24 @@ class TraceBuilder:
         merged = merge_results([(spec, filter_answer(filler_spec.keep_rows, ans)[0]) for spec, _, ans in copies])
         plan_answer = concat_results([*zip(nodes[:-1], list_answers), (filler_spec, merged)])
         return TaskTrace(task, convs, final, plan, plan_answer, balanced_out=len(chunk_convs) - len(kept))
+
+    def _extra_parts(self, task: Task) -> Conversation:
+        """A parts agent's conversation for a list of two parts or more that the task does not use (a
+        train continent's, or a language's spoken in 26 countries or more), chosen by the task id. In
+        "Parts: Europe first; Europe second", the word after "first; Europe" is found by counting
+        on from the word before, not by a copy (the copy's last two tokens occur before every part):
+        stage 27 wrote "Africa first; Africa third", after 60-odd parts conversations of training.
+        Tasks without parts of their own give one more each (version 12)."""
+        countries = self.data.countries.values()
+        lists = [(f"list:continent:{code}:", f"countries and territories of {name}", name,
+                  len(self.data.countries_in(code))) for code, name in sorted(CONTINENT_NAMES.items())
+                 if split_of_continent(code) == "train"]
+        lists += [(f"list:language:{code}:", f"countries and territories where {name} is spoken", name,
+                   sum(code in c.languages for c in countries)) for code, name in sorted(LANGUAGE_NAMES.items())]
+        lists = [entry for entry in lists if entry[3] > NAME_LIST_PART]
+        prefix, words, subject, n = lists[zlib.crc32(task.id.encode()) % len(lists)]
+        msgs, _ = run_list_parts(self.index, prefix, words, subject, math.ceil(n / NAME_LIST_PART))
+        return Conversation("subagent", task.id, task.meta["template"], msgs, self.search_tools)
 
     # ---- orchestrator conversations ------------------------------------------------------------
     def _tool_form(self, task: Task, stages: list[list[_SubTask]], final: str) -> Conversation:

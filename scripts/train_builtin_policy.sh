@@ -136,7 +136,17 @@ sft_stage "$W/cpu-i" 100 --steps 100 --data-seed 15 --init-from "$W/cpu-h" "${P[
 # 23. Session 15, trace version 11: a neighbours lister copies a country's own list of neighbours
 #    ("Countries that share a land border with Kenya: Ethiopia; ...", corpus geo-v5).
 sft_stage "$W/cpu-j" 200 --steps 200 --data-seed 16 --init-from "$W/cpu-i" "${P[@]}"
-LAST="$W/cpu-j"
+
+# 27-29. Session 17, trace version 12 (corpus geo-v6): a list's parts are named after its subject
+#    ("Parts: Africa first; Africa second"), so a part lister copies its part word after "Africa";
+#    twin names (0.3). Stage 27 was trained before tasks without parts gained a parts conversation,
+#    stage 28 before the parts' subjects were renamed; this code builds the final version 12 for all
+#    three, so a rerun follows the recipe, not bit for bit (docs/policy.md, "Session 17").
+T=(--twin-names 0.3)
+sft_stage "$W/cpu-k" 200 --steps 200 --seed 20 --data-seed 20 --init-from "$W/cpu-j" "${P[@]}" "${T[@]}"
+sft_stage "$W/cpu-l" 200 --steps 200 --seed 21 --data-seed 21 --init-from "$W/cpu-k" "${P[@]}" "${T[@]}"
+sft_stage "$W/cpu-m" 200 --steps 200 --seed 22 --data-seed 22 --init-from "$W/cpu-l" "${P[@]}" "${T[@]}"
+LAST="$W/cpu-m"
 
 # Ship: the checkpoint, its tokenizer, policy.json (the last stage's command and config) and every
 # stage's log; not train_state.pt (optimizer state, 5x the weights).
@@ -162,4 +172,7 @@ cp "$W/cpu-f/train_log.jsonl" "$DEST/logs/17-cpu-f_train_log.jsonl"
 cp "$W/cpu-g/train_log.jsonl" "$DEST/logs/20-cpu-g_train_log.jsonl"
 cp "$W/cpu-h/train_log.jsonl" "$DEST/logs/21-cpu-h_train_log.jsonl"
 cp "$W/cpu-i/train_log.jsonl" "$DEST/logs/22-cpu-i_train_log.jsonl"
+cp "$W/cpu-j/train_log.jsonl" "$DEST/logs/23-cpu-j_train_log.jsonl"
+cp "$W/cpu-k/train_log.jsonl" "$DEST/logs/27-cpu-k_train_log.jsonl"
+cp "$W/cpu-l/train_log.jsonl" "$DEST/logs/28-cpu-l_train_log.jsonl"
 echo "policy: $LAST, shipped to $DEST"

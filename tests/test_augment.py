@@ -11,7 +11,7 @@ import pytest
 from planner.envs.widegeo import task_subject
 from planner.augment import (country_names, fake_entity_copy, fake_name, fake_number, place_names, task_entities,
                              name_words, twin_name, word_name)
-from planner.envs.geodata import fold, load_geodata, split_of_country
+from planner.envs.geodata import LANGUAGE_NAMES, fold, load_geodata, split_of_country
 from planner.envs import get_env
 from planner.traces import Conversation, synthesize
 
@@ -145,20 +145,36 @@ def test_places_and_countries_fake_names_mix_train_countries_in(traces):
 
 
 def test_the_parts_of_a_list_keep_their_words(traces):
-    """A continent plan's parts lister answers "Parts: first; second; third": words it counts out and
-    each part's title is searched by, not names, so a fake copy keeps them."""
+    """A parts agent answers "Parts: Africa first; Africa second": the part words, which each part's
+    title is searched by, are not names, so a fake copy keeps them; the subject before them is, and
+    is renamed throughout the conversation."""
     from planner.traces import PARTS_LABEL
 
     checked = 0
     for tr in traces:
-        entities = task_entities(tr)
+        entities = task_entities(tr, languages=True)  # as trained: a language's list is renamed too
         for i, conv in enumerate(tr.conversations):
             answer = conv.messages[-1]["content"]
             if conv.kind == "subagent" and answer.startswith(PARTS_LABEL):
                 assert not {"first", "second", "Parts: first"} & set(entities)
-                assert fake_entity_copy(conv, entities, f"p/{i}").messages[-1]["content"] == answer
+                assert not any(e.endswith((" first", " second")) for e in entities)
+                subject = answer.removeprefix(PARTS_LABEL).split("; ")[0].rsplit(" ", 1)[0]
+                fake = fake_entity_copy(conv, entities, f"p/{i}")
+                fake_answer = fake.messages[-1]["content"]
+                fake_items = fake_answer.removeprefix(PARTS_LABEL).split("; ")
+                assert [w.rsplit(" ", 1)[1] for w in fake_items] == [w.rsplit(" ", 1)[1] for w in
+                                                                       answer.removeprefix(PARTS_LABEL).split("; ")]
+                # The subject is a name: renamed (a held-out one is a rare, many-token word), and the
+                # same way in the task text the parts agent read it from.
+                assert subject in entities
+                # Without --fake-languages a language stays itself, as in data built before version 12.
+                assert (subject in task_entities(tr)) == (subject not in LANGUAGE_NAMES.values())
+                fake_subject = fake_items[0].rsplit(" ", 1)[0]
+                assert {w.rsplit(" ", 1)[0] for w in fake_items} == {fake_subject}
+                assert fake_subject != subject and fake_subject in fake.messages[1]["content"]
+                assert subject not in fake.messages[1]["content"]
                 checked += 1
-    assert checked
+    assert checked >= 3
 
 
 def test_twin_names_end_like_an_earlier_name_in_the_same_list():

@@ -158,9 +158,14 @@ def test_every_country_list_has_contents_naming_its_parts(corpus: Path, docs: di
     for prefix in lists:
         n = sum(k.rsplit(":", 1)[0] == prefix and k.rsplit(":", 1)[1].isdigit() for k in docs)
         assert n >= 1
-        assert docs[f"{prefix}:contents"]["text"].endswith("Parts: " + "; ".join(part_word(p) for p in range(1, n + 1)) + ".")
-    assert docs["list:continent:AF:contents"]["text"] == "The list has 3 parts. Parts: first; second; third."
-    assert docs["list:continent:SA:contents"]["text"] == "The list has 1 part. Parts: first."
+        words = [w for w in docs[f"{prefix}:contents"]["text"].split("Parts: ", 1)[1].rstrip(".").split("; ")]
+        assert [w.rsplit(" ", 1)[1] for w in words] == [part_word(p) for p in range(1, n + 1)]
+        subject = docs[f"{prefix}:contents"]["title"].removeprefix("Contents of the alphabetical list of countries and territories ")
+        subject = subject.removeprefix("of ").removeprefix("where ").removesuffix(" is spoken")
+        assert {w.rsplit(" ", 1)[0] for w in words} == {subject}, prefix
+    assert docs["list:continent:AF:contents"]["text"] == "The list has 3 parts. Parts: Africa first; Africa second; Africa third."
+    assert docs["list:continent:SA:contents"]["text"] == "The list has 1 part. Parts: South America first."
+    assert docs["list:language:fr:contents"]["text"].endswith("Parts: French first; French second; French third.")
     for q, first in [("Countries and territories of Africa", "list:continent:AF:"),
                      ("contents of the alphabetical list of countries and territories of Africa", "list:continent:AF:contents"),
                      ("Countries and territories where French is spoken", "list:language:fr:"),

@@ -105,19 +105,46 @@ def test_list_answers_copy_the_order_their_results_show(traced):
 
 def test_parts_listers_copy_every_part_of_the_list_from_its_contents(env, traced):
     """Version 8: the first agent of a continent plan searches the list's contents document and
-    copies its "Parts: first; second; third", one word per part document of the list in the corpus.
+    copies its "Parts: Africa first; Africa second; Africa third", one word per part document of the list
+    in the corpus, each after the list's subject (version 12).
     A language task also names its language's own list's parts (mostly one part; version 7)."""
     docs = [json.loads(line)["id"] for line in env.corpus_path().read_text().splitlines()]
     parts = [c for c in _convs(traced) if _is_parts(c)]
-    assert {c.template for c in parts} == {"continent_countries", "language_countries"}
+    assert {c.template for c in parts} == {"continent_countries", "language_countries", "neighbours", "top_cities"}
     assert any(" is spoken " in c.messages[1]["content"] for c in parts)
+    # A task without parts of its own gives one parts conversation of a list of two parts or more
+    # (version 12): counting on "first; Europe" -> "second" is learnt on these too.
+    for tr in traced[1]:
+        if tr.task.meta["template"] in ("neighbours", "top_cities"):
+            (extra,) = [c for c in tr.conversations if _is_parts(c)]
+            assert extra.messages[-1]["content"].count("; ") >= 1
     for c in parts:
         shown = "\n".join(m["content"] for m in c.messages if m["role"] == "tool")
         prefix = re.search(r"id=(list:\w+:\w+:)contents", shown).group(1)
         n = sum(re.fullmatch(re.escape(prefix) + r"\d+", d) is not None for d in docs)
         answer = c.messages[-1]["content"]
-        assert answer == PARTS_LABEL + "; ".join(part_word(k) for k in range(1, n + 1))
+        subject = re.search(r"list of countries and territories (?:of (.+?)|where (.+?) is spoken) and name",
+                            c.messages[1]["content"])
+        subject = subject.group(1) or subject.group(2)
+        assert answer == PARTS_LABEL + "; ".join(f"{subject} {part_word(k)}" for k in range(1, n + 1))
         assert answer + "." in shown  # a copy of what the search showed
+
+
+def test_a_part_lister_searches_the_part_it_receives_after_the_lists_subject(traced):
+    """Version 12: a part lister receives "Parts: Europe second" and searches "Countries and territories
+    of Europe second part": the part word follows the subject in both, so it is copied, not guessed."""
+    checked = 0
+    for c in _convs(traced):
+        line = re.search(r"\nParts: (.+)\n", c.messages[1]["content"]) if c.kind == "subagent" else None
+        if line is None:
+            continue
+        item = line.group(1)
+        subject, word = item.rsplit(" ", 1)
+        assert word in ("first", "second", "third") and f"countries and territories of {subject} " in c.messages[1]["content"]
+        query = json.loads(c.messages[2]["tool_calls"][0]["function"]["arguments"])["query"]
+        assert query.endswith(f" of {item} part"), query
+        checked += 1
+    assert checked >= 3
 
 
 def test_plans_validate_and_parse_back(traced):
@@ -181,7 +208,7 @@ def test_city_plans_are_one_range_agent_whose_windows_are_list_documents(traced)
         assert [line.split("|")[1].strip() for line in kept.splitlines()[2:]] == [str(r) for r in range(1, n + 1)]
         windows = range_windows(node.for_range)
         assert windows[0][0] == 1 and windows[-1][1] == n
-        convs = [c for c in tr.conversations if c.kind == "subagent"]
+        convs = [c for c in tr.conversations if c.kind == "subagent" and not _is_parts(c)]
         tasks = [range_task(node.task, s, e) for s, e in windows]
         # every window that stops inside its document stays; those ending at a document's end are
         # thinned (version 7), so that stopping at the asked rank is not outweighed

@@ -26,7 +26,7 @@ from planner.envs.geodata import (
     load_geodata,
 )
 
-CORPUS_VERSION = "geo-v5"  # bump whenever the documents change: cached files are keyed by it
+CORPUS_VERSION = "geo-v6"  # bump whenever the documents change: cached files are keyed by it
 CITY_LIST_PART = 15  # the search tool shows ~600 characters per hit: keep a part within that
 NAME_LIST_PART = 25
 
@@ -52,19 +52,24 @@ def part_word(part: int) -> str:
     return PART_WORDS[part - 1]
 
 
-def part_words(n_parts: int) -> str:
-    """'first; second; third': the parts of a list of `n_parts`, as its contents document names them."""
-    return "; ".join(part_word(p) for p in range(1, n_parts + 1))
+def part_words(n_parts: int, subject: str) -> str:
+    """'Africa first; Africa second; Africa third': the parts of a list of `n_parts` about `subject`
+    (a continent, a language), as its contents document names them. The subject before each word
+    is the cue a part lister copies its part word by: given "Parts: second", nothing before the word
+    in its query matched the line it had to copy, and stage 23 wrote " f" whichever part it was given
+    (p 0.44 / 0.22 / 0.03 for first / second / third); given "Parts: Europe second" it copied the
+    word (0.99 / 0.99 / 0.36) untrained (docs/policy.md, "Session 16")."""
+    return "; ".join(f"{subject} {part_word(p)}" for p in range(1, n_parts + 1))
 
 
-def contents_doc(doc_prefix: str, list_words: str, n_parts: int) -> dict[str, str]:
-    """The contents of a list cut into parts: how many parts and their words. A sub-agent asked for
-    a list's parts copies "Parts: first; second; third" from it: counting them from the "(first part
-    of 3)" of a part's title is what stages 18-19 got wrong (they copied names instead). Titled by
-    the list's words ("countries and territories of Africa") after "Contents of the alphabetical list
-    of", the phrase a parts task names it by; its text says little else, so a search for the list
-    itself ("Countries and territories of Africa") still finds its parts first."""
-    words = part_words(n_parts)
+def contents_doc(doc_prefix: str, list_words: str, subject: str, n_parts: int) -> dict[str, str]:
+    """The contents of a list cut into parts: how many parts and their names. A sub-agent asked for
+    a list's parts copies "Parts: Africa first; Africa second; Africa third" from it: counting them
+    from the "(first part of 3)" of a part's title is what stages 18-19 got wrong (they copied names
+    instead). Titled by the list's words ("countries and territories of Africa") after "Contents of
+    the alphabetical list of", the phrase a parts task names it by; its text says little else, so a
+    search for the list itself ("Countries and territories of Africa") still finds its parts first."""
+    words = part_words(n_parts, subject)
     plural = "part" if n_parts == 1 else "parts"
     return {
         "id": f"{doc_prefix}contents",
@@ -137,7 +142,7 @@ def list_docs(data: GeoData) -> Iterator[dict[str, str]]:
         members = data.countries_in(code)
         name = members[0].continent_name
         chunks = list(_chunks(members, NAME_LIST_PART))
-        yield contents_doc(f"list:continent:{code}:", f"countries and territories of {name}", len(chunks))
+        yield contents_doc(f"list:continent:{code}:", f"countries and territories of {name}", name, len(chunks))
         for part, (start, chunk) in enumerate(chunks, start=1):
             yield {
                 "id": f"list:continent:{code}:{part}",
@@ -164,7 +169,8 @@ def list_docs(data: GeoData) -> Iterator[dict[str, str]]:
         speakers = sorted((c for c in data.countries.values() if code in c.languages), key=lambda c: c.name)
         chunks = list(_chunks(speakers, NAME_LIST_PART))
         lang = LANGUAGE_NAMES[code]
-        yield contents_doc(f"list:language:{code}:", f"countries and territories where {lang} is spoken", len(chunks))
+        yield contents_doc(f"list:language:{code}:", f"countries and territories where {lang} is spoken", lang,
+                           len(chunks))
         for part, (start, chunk) in enumerate(chunks, start=1):
             yield {
                 "id": f"list:language:{code}:{part}",
