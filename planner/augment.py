@@ -189,20 +189,21 @@ def task_entities(trace: TaskTrace, languages: bool = False) -> list[str]:
         for value in row.values():
             if isinstance(value, str) and len(value) >= _LIST_ITEM_MIN and not value.isdigit():
                 names.add(value)
+    kept_languages = set() if languages else set(LANGUAGE_NAMES.values())
     for conv in trace.conversations:
         for m in conv.messages:
             content = m.get("content")
-            if (m.get("role") == "assistant" and isinstance(content, str) and "; " in content
-                    and not any(c in content for c in "|{")  # a list, not a table or a JSON plan,
-                    and not content.startswith(PARTS_LABEL)):  # nor a list's parts ("first; second")
-                names.update(p for p in list_items(content) if len(p) >= _LIST_ITEM_MIN)
-            elif m.get("role") == "assistant" and isinstance(content, str) and content.startswith(PARTS_LABEL):
+            if m.get("role") != "assistant" or not isinstance(content, str):
+                continue
+            if content.startswith(PARTS_LABEL):
                 # A list's parts ("Parts: English first; English second"): their subject is a name, the
                 # part words are not. Renamed, a parts agent counts on after subjects of several tokens,
                 # as a held-out " A" "f" "r" "ica" is; with only the real ones, mostly one token,
                 # stage 28 put 0.07 on " third" after "Africa second; Africa" (trace version 12).
                 subjects = {p.rsplit(" ", 1)[0] for p in list_items(content.removeprefix(PARTS_LABEL)) if " " in p}
-                names.update(subjects if languages else subjects - set(LANGUAGE_NAMES.values()))
+                names.update(subjects - kept_languages)
+            elif "; " in content and not any(c in content for c in "|{"):  # a list, not a table or a JSON plan
+                names.update(p for p in list_items(content) if len(p) >= _LIST_ITEM_MIN)
     if languages and trace.task.meta.get("template") == "language_countries":
         names.add(LANGUAGE_NAMES[trace.task.meta["params"]["language"]])
     return sorted(names, key=len, reverse=True)  # longest first: "Guinea-Bissau" before "Guinea"

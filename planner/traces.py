@@ -31,6 +31,7 @@ from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -541,7 +542,7 @@ class TraceBuilder:
                 # test continent's list can be one, South America's), where continents of the train
                 # split but Antarctica have two or three (version 7).
                 lang = task.meta["params"]["language"]
-                n_lang = math.ceil(sum(lang in c.languages for c in self.data.countries.values()) / NAME_LIST_PART)
+                n_lang = math.ceil(self._speakers[lang] / NAME_LIST_PART)
                 l_msgs, _ = run_list_parts(self.index, f"list:language:{lang}:",
                                            f"countries and territories where {LANGUAGE_NAMES[lang]} is spoken",
                                            LANGUAGE_NAMES[lang], n_lang)
@@ -574,6 +575,23 @@ class TraceBuilder:
         plan_answer = concat_results([*zip(nodes[:-1], list_answers), (filler_spec, merged)])
         return TaskTrace(task, convs, final, plan, plan_answer, balanced_out=len(chunk_convs) - len(kept))
 
+    @cached_property
+    def _speakers(self) -> Counter[str]:
+        """Countries and territories per language code (the length of the language's list)."""
+        return Counter(code for c in self.data.countries.values() for code in set(c.languages))
+
+    @cached_property
+    def _multi_part_lists(self) -> list[tuple[str, str, str, int]]:
+        """(doc prefix, list words, subject, parts) of every list of two parts or more that a task
+        without parts may name: train continents' and languages', in a fixed order."""
+        lists = [(f"list:continent:{code}:", f"countries and territories of {name}", name,
+                  len(self.data.countries_in(code))) for code, name in sorted(CONTINENT_NAMES.items())
+                 if split_of_continent(code) == "train"]
+        lists += [(f"list:language:{code}:", f"countries and territories where {name} is spoken", name,
+                   self._speakers[code]) for code, name in sorted(LANGUAGE_NAMES.items())]
+        return [(prefix, words, subject, math.ceil(n / NAME_LIST_PART))
+                for prefix, words, subject, n in lists if n > NAME_LIST_PART]
+
     def _extra_parts(self, task: Task) -> Conversation:
         """A parts agent's conversation for a list of two parts or more that the task does not use (a
         train continent's, or a language's spoken in 26 countries or more), chosen by the task id. In
@@ -581,15 +599,9 @@ class TraceBuilder:
         on from the word before, not by a copy (the copy's last two tokens occur before every part):
         stage 27 wrote "Africa first; Africa third", after 60-odd parts conversations of training.
         Tasks without parts of their own give one more each (version 12)."""
-        countries = self.data.countries.values()
-        lists = [(f"list:continent:{code}:", f"countries and territories of {name}", name,
-                  len(self.data.countries_in(code))) for code, name in sorted(CONTINENT_NAMES.items())
-                 if split_of_continent(code) == "train"]
-        lists += [(f"list:language:{code}:", f"countries and territories where {name} is spoken", name,
-                   sum(code in c.languages for c in countries)) for code, name in sorted(LANGUAGE_NAMES.items())]
-        lists = [entry for entry in lists if entry[3] > NAME_LIST_PART]
-        prefix, words, subject, n = lists[zlib.crc32(task.id.encode()) % len(lists)]
-        msgs, _ = run_list_parts(self.index, prefix, words, subject, math.ceil(n / NAME_LIST_PART))
+        lists = self._multi_part_lists
+        prefix, words, subject, n_parts = lists[zlib.crc32(task.id.encode()) % len(lists)]
+        msgs, _ = run_list_parts(self.index, prefix, words, subject, n_parts)
         return Conversation("subagent", task.id, task.meta["template"], msgs, self.search_tools)
 
     # ---- orchestrator conversations ------------------------------------------------------------
