@@ -2,7 +2,8 @@
 decoding) and its conversion to `swarm.plans.SwarmPlan`.
 
 Compact form (positional): {"agents": [{"name", "task", "depends_on", "for_each"? | "for_range"?,
-"keep"?}], "aggregate": "concat"|"llm", "aggregate_prompt"?}; `keep` "COLUMN OP VALUE" is a row filter
+"parallel"?, "keep"?}], "aggregate": "concat"|"llm", "aggregate_prompt"?}; `parallel` N runs a fan-out
+agent's copies N at a time; `keep` "COLUMN OP VALUE" is a row filter
 of the agent's table (swarm.row_filter); `for_range` "all the N by C" runs the agent once per window of C
 numbers from 1 to N (SwarmPlan's for_range), written so that N is copied after the word the task puts
 before it (" the" in "What are the 120 most populous cities"). So that every text the grammar admits is a valid plan,
@@ -43,6 +44,7 @@ _CHAR = r'[^"\\\x00-\x1f]'
 MAX_TASK_CHARS = 1000
 MAX_AGGREGATE_PROMPT_CHARS = 1000
 MAX_CHUNK = 50  # items per copy of a fan-out agent (for_each)
+MAX_PARALLEL = 99  # a fan-out agent's "parallel": copies running at once
 MAX_KEEP_CHARS = 100
 
 
@@ -99,6 +101,9 @@ class CompactAgent(BaseModel):
         0, ge=0, le=MAX_CHUNK, description="0: one agent; N: one copy per N items of its first dependency's list"
     )
     for_range: str | None = Field(None, description="'all the N by C': one copy per window of C numbers from 1 to N")
+    # A fan-out agent's copies run at most this many at a time (1: one after another); absent: all at
+    # once. The serial PARL start writes 1 (docs/PARL.md).
+    parallel: int | None = Field(None, ge=1, le=MAX_PARALLEL, description="fan-out copies running at once (absent: all)")
     # "COLUMN OP VALUE" in words the task itself uses ("population more than 5,000,000", "languages
     # have English"): the policy copies the phrase, where a bare value has no words before it to
     # copy after (swarm.row_filter.RowFilter reads it).
@@ -145,12 +150,15 @@ class CompactPlan(BaseModel):
                 problems.append(f"agent {k} ({a.name!r}) has for_each but no dependency whose list it could split")
             if a.for_each and a.for_range:
                 problems.append(f"agent {k} ({a.name!r}) has both for_each and for_range; an agent fans out one way")
+            if a.parallel is not None and not (a.for_each or a.for_range):
+                problems.append(f"agent {k} ({a.name!r}) has parallel but no for_each or for_range: only copies run in parallel")
         return problems
 
     def _ranges(self, max_subagents: int) -> list[ForRange | None]:
         """Each agent's range fan-out, windows widened where needed so that the range copies and the
         other agents together stay within `max_subagents`."""
-        ranges = [parse_range(a.for_range) if a.for_range else None for a in self.agents]
+        ranges = [parse_range(a.for_range).model_copy(update={"max_parallel": a.parallel}) if a.for_range else None
+                  for a in self.agents]
         n_ranged = sum(r is not None for r in ranges)
         if not n_ranged:
             return ranges
@@ -181,7 +189,8 @@ class CompactPlan(BaseModel):
                 SubAgentSpec(id=ids[k], name=a.name, system_prompt=system_prompt, task=task(a), tools=list(tools),
                              # a repeated number is harmless: keep each dependency once
                              depends_on=[ids[d - 1] for d in dict.fromkeys(a.depends_on)], max_steps=max_steps,
-                             for_each=ForEach(source=ids[a.depends_on[0] - 1], chunk=a.for_each) if a.for_each else None,
+                             for_each=ForEach(source=ids[a.depends_on[0] - 1], chunk=a.for_each,
+                                                      max_parallel=a.parallel) if a.for_each else None,
                              for_range=ranges[k],
                              keep_rows=RowFilter.model_validate(a.keep) if a.keep else None)
                 for k, a in enumerate(self.agents)
@@ -208,12 +217,15 @@ def plan_json_schema(max_agents: int = MAX_SUBAGENTS, max_task_chars: int = MAX_
     def agent(k: int) -> dict[str, Any]:
         name_task = {"name": {"$ref": "#/$defs/name"}, "task": {"$ref": "#/$defs/task"}}
         keep = {"keep": {"$ref": "#/$defs/keep"}}  # optional, last: the row filter of the agent's table
+        # optional, after the fan-out: absent runs every copy at once
+        parallel = {"parallel": {"$ref": "#/$defs/parallel"}}
         if k == 1:
             none = {"type": "array", "maxItems": 0}
             return {"anyOf": [
                 {"type": "object", "properties": {**name_task, "depends_on": none, **keep},
                  "required": ["name", "task", "depends_on"], "additionalProperties": False},
-                {"type": "object", "properties": {**name_task, "depends_on": none, "for_range": {"$ref": "#/$defs/for_range"}, **keep},
+                {"type": "object", "properties": {**name_task, "depends_on": none, "for_range": {"$ref": "#/$defs/for_range"},
+                                                          **parallel, **keep},
                  "required": ["name", "task", "depends_on", "for_range"], "additionalProperties": False}]}
         ids = {"type": "integer", "enum": list(range(1, k))}
         plain = {"type": "object",
@@ -223,12 +235,12 @@ def plan_json_schema(max_agents: int = MAX_SUBAGENTS, max_task_chars: int = MAX_
         fan_out = {"type": "object",
                    "properties": {**name_task,
                                   "depends_on": {"type": "array", "items": ids, "minItems": 1, "maxItems": k - 1},
-                                  "for_each": {"$ref": "#/$defs/for_each"}, **keep},
+                                  "for_each": {"$ref": "#/$defs/for_each"}, **parallel, **keep},
                    "required": ["name", "task", "depends_on", "for_each"], "additionalProperties": False}
         # A range agent needs no dependency (its windows are in the plan); it may still read some.
         ranged = {"type": "object",
                   "properties": {**name_task, "depends_on": {"type": "array", "items": ids, "maxItems": k - 1},
-                                 "for_range": {"$ref": "#/$defs/for_range"}, **keep},
+                                 "for_range": {"$ref": "#/$defs/for_range"}, **parallel, **keep},
                   "required": ["name", "task", "depends_on", "for_range"], "additionalProperties": False}
         return {"anyOf": [plain, fan_out, ranged]}
 
@@ -254,6 +266,7 @@ def plan_json_schema(max_agents: int = MAX_SUBAGENTS, max_task_chars: int = MAX_
             "for_each": {"type": "integer", "minimum": 1, "maximum": MAX_CHUNK},
             "keep": {"type": "string", "pattern": _keep_pattern()},
             "for_range": {"type": "string", "pattern": RANGE_PATTERN},
+            "parallel": {"type": "integer", "minimum": 1, "maximum": MAX_PARALLEL},
         },
     }
 
@@ -280,9 +293,21 @@ def compact_plan_json(plan: CompactPlan) -> str:
             del a["for_each"]
         if a["for_range"] is None:
             del a["for_range"]
+        if a["parallel"] is None:
+            del a["parallel"]
         if a["keep"] is None:
             del a["keep"]
     return json.dumps(data, ensure_ascii=False, separators=(", ", ": "))
+
+
+def with_parallel(text: str, parallel: int) -> str:
+    """`text` (a trained plan, compact_plan_json's form) with every fan-out agent's copies capped at
+    `parallel` at a time: how the serial PARL start's plans are made from the parallel ones."""
+    plan = CompactPlan.model_validate(json.loads(text))
+    for a in plan.agents:
+        if a.for_each or a.for_range:
+            a.parallel = parallel
+    return compact_plan_json(plan)
 
 
 def parse_plan(

@@ -23,6 +23,7 @@ import signal
 import sys
 import threading
 import time
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Literal
@@ -40,6 +41,7 @@ from model_shards.chat_template import render_segments
 from planner.copy_pretrain import (MAX_K, MIN_K, RECALL_MAX_K, RECALL_MIN_K, copy_batch, copy_loss, recall_batch,
                                    recall_loss, text_token_ids)
 from planner.augment import FAKE_NAME_KINDS, FakeNames, fake_entity_copy, task_entities
+from planner.plan_schema import with_parallel
 from planner.sft_data import load_data, save_data, tokenizer_fingerprint
 from planner.traces import (KINDS, TRACE_VERSION, Conversation, EncodedExample, encode_conversation, length_stats,
                             synthesize)
@@ -103,6 +105,9 @@ class SFTConfig(BaseModel):
     spaced_names: bool = False
     # Rename the language of a language task too, in the fake copies.
     fake_languages: bool = False
+    # The share of tasks (chosen by a hash of the task id) whose plans run every fan-out's copies one
+    # at a time ("parallel": 1): the serial start that PARL trains to parallelize (docs/PARL.md).
+    serial_plans: float = Field(0.0, ge=0, le=1)
     # Start from this checkpoint's weights (fresh optimizer) instead of a random init; its tokenizer
     # directory is then the run's tokenizer.
     init_from: str | None = None
@@ -212,6 +217,10 @@ def build_data(cfg: SFTConfig, max_len: int, out_dir: Path | None = None) -> tup
         raise ValueError(f"{needs[0]} needs --fake-entity-copies >= 1 (it acts on the renamed copies)")
     else:
         eval_fake = []
+    if cfg.serial_plans:
+        for name in ("train", "eval"):
+            for tr in synthesized[name][0]:
+                tr.conversations = [serial_plan_copy(c, cfg.serial_plans) for c in tr.conversations]
     out: dict[str, list[EncodedExample]] = {}
     report: dict[str, Any] = {"tokenizer": tok_report}
     for name in ("train", "eval"):
@@ -225,6 +234,15 @@ def build_data(cfg: SFTConfig, max_len: int, out_dir: Path | None = None) -> tup
     if not out["train"]:
         raise ValueError(f"no training example fits max_len={max_len}; raise --max-len or change --kinds")
     return SFTData(out["train"], out["eval"], report, [e for e in eval_fake if len(e) <= max_len]), tok
+
+
+def serial_plan_copy(conv: Conversation, share: float) -> Conversation:
+    """A plan conversation whose plan runs each fan-out's copies one at a time, for `share` of the
+    tasks (a hash of the task id decides, so every copy of a task agrees); other conversations as given."""
+    if conv.kind != "orchestrator_plan" or zlib.crc32(f"serial/{conv.task_id}".encode()) % 10_000 >= share * 10_000:
+        return conv
+    *head, last = conv.messages
+    return dataclasses.replace(conv, messages=[*head, {**last, "content": with_parallel(last["content"], 1)}])
 
 
 def make_batches(examples: list[EncodedExample], batch_tokens: int, seed: int, epoch: int) -> list[list[int]]:
@@ -361,7 +379,7 @@ def _state_config(cfg: SFTConfig) -> dict[str, Any]:
 # The config fields that decide the encoded data (with the tokenizer's identity, see data_key).
 _DATA_FIELDS = ("preset", "max_len", "train_tasks", "eval_tasks", "data_seed", "kinds", "tokenizer",
                 "fake_entity_copies", "fake_names", "fake_only", "seed", "spaced_names", "fake_languages",
-                "twin_names", "word_names")
+                "twin_names", "word_names", "serial_plans")
 
 
 def data_key(cfg: SFTConfig) -> dict[str, Any]:
@@ -659,6 +677,8 @@ def _parse(argv: list[str] | None) -> tuple[SFTConfig, bool, int | None, bool]:
                         "so such words are copied at the start of a name (needs --fake-names places[+countries])")
     p.add_argument("--fake-only", action="store_true", help="train on the renamed copies only (no real train names)")
     p.add_argument("--fake-languages", action="store_true", help="rename a language task's language in the fake copies too")
+    p.add_argument("--serial-plans", type=float, default=0.0, metavar="SHARE",
+                   help="share of tasks whose plans run each fan-out's copies one at a time (the serial PARL start)")
     p.add_argument("--spaced-names", action="store_true",
                    help="traces where every copied name follows a space (labelled lists, name-last queries)")
     p.add_argument("--init-from", default=None, help="start from this checkpoint dir (weights and tokenizer)")

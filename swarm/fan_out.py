@@ -11,6 +11,10 @@ A node with `for_range` needs no list: "cities ranked {start} to {end}" with sta
 runs four copies (1-15, 16-30, 31-45, 46-50), each with its window's bounds in its task. A policy
 writes one agent instead of counting out ten, and cannot write an eleventh.
 
+Either form may set `max_parallel` N: copy k then starts when copy k-N has ended (N lanes; N = 1 is a
+serial fan-out). The job host adds copy k-N to copy k's dependencies for ordering only: copy k never
+sees its result.
+
 Kept free of Ray: the trace synthesizer (planner.traces) renders exactly what the runtime sends.
 """
 

@@ -517,8 +517,9 @@ class Job:
 
     async def _fan_out(self, node: _Node, deps: list[_Node]) -> SubAgentOutcome:
         """Run `node` as one copy per chunk of its source's list, or per window of its range
-        (swarm.fan_out), all in parallel; its result is the copies' results merged. Fails if the list
-        is empty, the copies would pass max_subagents, or a copy fails."""
+        (swarm.fan_out), all in parallel or `max_parallel` at a time; its result is the copies'
+        results merged. Fails if the list is empty, the copies would pass max_subagents, or a copy
+        fails."""
         spec = node.spec
         node.state, node.children = "running", []
         self.emit(SubAgentStarted(agent_id=spec.id, worker="fan-out"))
@@ -554,15 +555,22 @@ class Job:
         taken = [c.id for c in specs if c.id in self._nodes]
         if taken:
             return self._fail_node(node, 1, f"its copies' ids {taken} are taken by other agents of the plan")
-        copies = []
-        for cs, message in zip(specs, messages):
+        # max_parallel N: copy k also depends on copy k-N (it starts when that one ends, without
+        # reading its result), so the DAG, the events and CriticalSteps all show the lanes.
+        lanes = (spec.for_range or spec.for_each).max_parallel
+        if lanes is not None:
+            specs = [cs if k < lanes else cs.model_copy(update={"depends_on": [*cs.depends_on, specs[k - lanes].id]})
+                     for k, cs in enumerate(specs)]
+        copies: list[_Node] = []
+        for k, (cs, message) in enumerate(zip(specs, messages)):
             self.graph.add_node(cs.id, spec=cs)
             for dep in cs.depends_on:
                 self.graph.add_edge(dep, cs.id)
             self.graph.add_edge(cs.id, spec.id)
             child = self._add_node(cs, node.stage, fan_out_of=spec.id)
             node.children.append(cs.id)
-            child.task = asyncio.create_task(self._run_copy(child, message))
+            before = copies[k - lanes] if lanes is not None and k >= lanes else None
+            child.task = asyncio.create_task(self._run_copy(child, message, before))
             copies.append(child)
         await asyncio.wait([c.task for c in copies if c.task is not None])
         failed = [c for c in copies if c.outcome is None or not c.outcome.ok]
@@ -575,8 +583,10 @@ class Job:
         self.emit(SubAgentFinished(agent_id=spec.id, result=merged, steps=0, tool_calls=0))
         return SubAgentOutcome(True, merged)
 
-    async def _run_copy(self, node: _Node, message: str) -> SubAgentOutcome:
+    async def _run_copy(self, node: _Node, message: str, before: _Node | None = None) -> SubAgentOutcome:
         try:
+            if before is not None and before.task is not None:
+                await asyncio.wait([before.task])  # its lane's previous copy; not `await`: see _run_node
             node.outcome = await self._dispatch(node, message)
             return node.outcome
         except asyncio.CancelledError:

@@ -61,6 +61,9 @@ class ForEach(WireModel):
 
     source: str = Field(description="id of a dependency whose answer is a list (or a markdown table)")
     chunk: int = Field(3, ge=1, le=1000, description="items per copy")
+    # None: every copy at once. N: at most N copies run at a time, copy k starting when copy k-N ends
+    # (N = 1 runs them one after another: a serial plan, which PARL trains away; docs/PARL.md).
+    max_parallel: int | None = Field(None, ge=1, le=1000, description="copies running at once (None: all)")
 
 
 class ForRange(WireModel):
@@ -71,6 +74,7 @@ class ForRange(WireModel):
     start: int = Field(ge=0, le=1_000_000)
     end: int = Field(ge=0, le=1_000_000)
     chunk: int = Field(10, ge=1, le=1_000_000, description="numbers per copy")
+    max_parallel: int | None = Field(None, ge=1, le=1000, description="copies running at once (None: all)")
 
     @model_validator(mode="after")
     def _ordered(self) -> "ForRange":

@@ -153,3 +153,14 @@ def test_config_errors_name_the_field(tmp_path: Path) -> None:
         load_config(tmp_path / "missing.yaml")
     with pytest.raises(PARLConfigError, match="policy_checkpoint"):
         load_config(good).check_paths()  # no checkpoint directory at 'ck'
+
+
+def test_the_shipped_parl_configs_are_valid() -> None:
+    """docs/PARL.md's commands start from these files: each must load as written."""
+    files = sorted((Path(__file__).resolve().parent.parent / "examples").glob("parl_*.yaml"))
+    assert len(files) >= 3
+    for f in files:
+        cfg = load_config(f)
+        assert cfg.subagent_checkpoint and cfg.steps >= 1, f
+    serial = load_config(files[0].parent / "parl_widegeo_serial.yaml")
+    assert serial.subagent_checkpoint != serial.policy_checkpoint  # the serial start's sub-agents are the shipped ones

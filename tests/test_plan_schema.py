@@ -247,3 +247,33 @@ def test_range_windows_widen_to_keep_the_copies_within_max_subagents():
         matcher.reset()
         text_bad = '{"agents": [{"name": "a", "task": "t", "depends_on": [], "for_range": ' + bad + '}'
         assert not all(matcher.accept(i) for i in tok.encode(text_bad)), bad
+
+
+def test_parallel_caps_a_fan_outs_copies_and_only_a_fan_out_may_have_it():
+    plan = CompactPlan(agents=[
+        CompactAgent(name="lister", task="List the countries of Asia."),
+        CompactAgent(name="filler", task="Give the capital of each.", depends_on=[1], for_each=3, parallel=1,
+                     keep="capital has a"),
+        CompactAgent(name="cities", task="List the cities of Peru ranked {start} to {end}.",
+                     for_range="all the 30 by 10", parallel=2),
+    ])
+    text = compact_plan_json(plan)
+    # After the fan-out and before keep; absent where unset (the parallel plans' text is unchanged).
+    assert '"for_each": 3, "parallel": 1, "keep": "capital has a"}' in text
+    assert '"for_range": "all the 30 by 10", "parallel": 2}' in text and text.count("parallel") == 2
+    assert "parallel" not in compact_plan_json(_fan_out_plan())
+    _, filler, cities = parse_plan(text).subagents
+    assert filler.for_each is not None and filler.for_each.max_parallel == 1 and filler.for_each.chunk == 3
+    assert cities.for_range is not None and cities.for_range.max_parallel == 2
+    jsonschema.validate(json.loads(text), plan_json_schema())
+    _grammar_admits_whole(text)
+    raw = json.loads(text)
+    raw["agents"][0]["parallel"] = 2  # a plain agent: nothing runs in parallel
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(raw, plan_json_schema())
+    with pytest.raises(PlanParseError, match="has parallel but no for_each or for_range"):
+        parse_plan(json.dumps(raw))
+    raw = json.loads(text)
+    raw["agents"][1]["parallel"] = 0
+    with pytest.raises(PlanParseError, match="parallel"):
+        parse_plan(json.dumps(raw))

@@ -284,6 +284,33 @@ async def test_a_fan_out_node_runs_one_copy_per_chunk_of_its_sources_list(runtim
     assert status.metrics.subagents == 4 and status.metrics.total_steps == 4
 
 
+async def test_max_parallel_runs_a_fan_outs_copies_in_lanes(runtime: SwarmRuntime) -> None:
+    """max_parallel 2: copy k starts after copy k-2 has ended, and the DAG and CriticalSteps say so;
+    a copy still sees only its own chunk, not the result of the copy it waited for."""
+    lister = SubAgentSpec(id="lister", task=script_task({"answer": "Countries: Peru; Chile; Bolivia; Brazil; Guyana"}))
+    filler = SubAgentSpec(id="filler", task=script_task({"echo_task": True}, prefix="look up"),
+                          depends_on=["lister"], for_each=ForEach(source="lister", chunk=1, max_parallel=2))
+    events: list[Event] = []
+    status = await runtime.run_job(JobSpec(plan=SwarmPlan(subagents=[lister, filler])), on_event=events.append)
+
+    assert status.state == JobState.succeeded, status.error
+    created = {e.agent_id: e.depends_on for e in events if isinstance(e, SubAgentCreated) and e.fan_out_of == "filler"}
+    assert created == {"filler.1": ["lister"], "filler.2": ["lister"], "filler.3": ["lister", "filler.1"],
+                       "filler.4": ["lister", "filler.2"], "filler.5": ["lister", "filler.3"]}
+    for k in (3, 4, 5):
+        assert first(events, SubAgentStarted, f"filler.{k}").seq > first(events, SubAgentFinished, f"filler.{k - 2}").seq
+    shown = first(events, SubAgentFinished, "filler.3").result
+    assert "Countries: Bolivia" in shown and "Result of filler.1" not in shown and "Peru" not in shown
+    # lister 1 step, then three waves of one-step copies (5 copies, 2 lanes).
+    assert status.metrics.critical_steps == 1 + 3 and status.metrics.subagents == 6
+
+    cities = SubAgentSpec(id="cities", task=script_task({"echo_task": True}, prefix="ranks {start} to {end}"),
+                          for_range=ForRange(start=1, end=40, chunk=10, max_parallel=1))
+    status = await runtime.run_job(JobSpec(plan=SwarmPlan(subagents=[cities])))
+    assert status.state == JobState.succeeded, status.error
+    assert status.metrics.critical_steps == 4 and status.metrics.subagents == 4  # serial: 4 windows in a row
+
+
 async def test_a_fan_out_splits_the_merged_lists_of_another_fan_out(runtime: SwarmRuntime) -> None:
     """parts -> a lister per part -> a filler per listed item: the part listers' lists, one label,
     merge into one list (repeats included), which the filler splits without its repeats."""

@@ -411,3 +411,30 @@ def test_repeat_draws_the_examples_of_a_kind_more_often_and_bad_values_are_named
         _parse(["--out", "x", "--repeat", "plans=4"])
     with pytest.raises(ValueError, match="counts >= 1"):
         SFTConfig(out="x", repeat={"subagent": 0})
+
+
+def test_serial_plans_cap_every_fan_out_of_a_share_of_the_tasks_and_are_part_of_the_recipe(tmp_path):
+    from planner.plan_schema import parse_plan
+    from planner.sft import serial_plan_copy
+    from planner.traces import Conversation
+
+    plan = ('{"agents": [{"name": "lister", "task": "List them.", "depends_on": []}, {"name": "filler", '
+            '"task": "Look them up.", "depends_on": [1], "for_each": 3}, {"name": "cities", "task": '
+            '"Cities ranked {start} to {end}.", "depends_on": [], "for_range": "all the 30 by 10"}], "aggregate": "concat"}')
+    convs = [Conversation("orchestrator_plan", f"widegeo-train-{i:04d}", "t",
+                          [{"role": "system", "content": "s"}, {"role": "user", "content": "u"},
+                           {"role": "assistant", "content": plan}]) for i in range(400)]
+    serial = [serial_plan_copy(c, 0.75) for c in convs]
+    capped = [s for s in serial if s.messages[-1]["content"] != plan]
+    assert 0.65 < len(capped) / len(convs) < 0.85  # about the share asked for
+    _, filler, cities = parse_plan(capped[0].messages[-1]["content"]).subagents
+    assert filler.for_each.max_parallel == 1 and cities.for_range.max_parallel == 1
+    assert capped[0].messages[:2] == convs[0].messages[:2]
+    # The same task always gets the same form; other kinds and share 0 are left alone.
+    assert [serial_plan_copy(c, 0.75).messages for c in convs] == [s.messages for s in serial]
+    assert all(serial_plan_copy(c, 0.0) is c for c in convs)
+    sub = Conversation("subagent", "widegeo-train-0001", "t", convs[1].messages)
+    assert serial_plan_copy(sub, 1.0) is sub
+    cfg, _, _ = parse_args(["--out", str(tmp_path), "--serial-plans", "0.75"])
+    assert cfg.serial_plans == 0.75 and parse_args(_argv_of(cfg))[0] == cfg
+    assert planner.sft.data_key(cfg) != planner.sft.data_key(cfg.model_copy(update={"serial_plans": 0.0}))
