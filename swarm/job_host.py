@@ -555,21 +555,20 @@ class Job:
         taken = [c.id for c in specs if c.id in self._nodes]
         if taken:
             return self._fail_node(node, 1, f"its copies' ids {taken} are taken by other agents of the plan")
-        # max_parallel N: copy k also depends on copy k-N (it starts when that one ends, without
-        # reading its result), so the DAG, the events and CriticalSteps all show the lanes.
         lanes = (spec.for_range or spec.for_each).max_parallel
-        if lanes is not None:
-            specs = [cs if k < lanes else cs.model_copy(update={"depends_on": [*cs.depends_on, specs[k - lanes].id]})
-                     for k, cs in enumerate(specs)]
         copies: list[_Node] = []
         for k, (cs, message) in enumerate(zip(specs, messages)):
+            # max_parallel N: copy k waits for copy k-N and lists it as a dependency (without reading
+            # its result), so the DAG, the events and CriticalSteps all show the lanes.
+            before = copies[k - lanes] if lanes is not None and k >= lanes else None
+            if before is not None:
+                cs = cs.model_copy(update={"depends_on": [*cs.depends_on, before.spec.id]})
             self.graph.add_node(cs.id, spec=cs)
             for dep in cs.depends_on:
                 self.graph.add_edge(dep, cs.id)
             self.graph.add_edge(cs.id, spec.id)
             child = self._add_node(cs, node.stage, fan_out_of=spec.id)
             node.children.append(cs.id)
-            before = copies[k - lanes] if lanes is not None and k >= lanes else None
             child.task = asyncio.create_task(self._run_copy(child, message, before))
             copies.append(child)
         await asyncio.wait([c.task for c in copies if c.task is not None])
