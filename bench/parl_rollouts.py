@@ -1,7 +1,7 @@
 """PARL throughput: rollouts/s with 1, 2, 4 and 8 rollout workers, the time split of a training step
 between rollouts (generation and tools), the update and the weight sync, and the weight-sync time.
 
-    python bench/parl_rollouts.py --checkpoint CKPT --workers 1 2 4 8 --steps 2
+    python bench/parl_rollouts.py --checkpoint CKPT --workers 1 2 4 8 --steps 2 [--trainer-workers N]
 
 Each worker count is one short `swarm train` run (examples/parl_widegeo.yaml with these overrides:
 its rollout workers, `steps`, `max_version_lag: 0` so that rollouts and the update do not overlap
@@ -25,9 +25,10 @@ FIELDS = ("rollouts_per_s", "tokens_per_s", "episodes", "gen_s", "train_s", "syn
           "share_sync", "share_tools_in_rollout", "episode_wall_s")
 
 
-def run(config: str, checkpoint: str, workers: int, steps: int, out: Path) -> dict[str, float]:
+def run(config: str, checkpoint: str, workers: int, steps: int, out: Path,
+        trainer_workers: int = 1) -> dict[str, float]:
     cfg = load_config(config, policy_checkpoint=checkpoint, subagent_checkpoint=checkpoint, rollout_workers=workers,
-                      steps=steps, max_version_lag=0, out=str(out), save_every=10_000)
+                      steps=steps, max_version_lag=0, out=str(out), save_every=10_000, trainer_workers=trainer_workers)
     run_training(cfg, log=lambda m: print(f"  [{workers} workers] {m}", flush=True))
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     last = [r for r in records if "rollouts_per_s" in r][-1]
@@ -40,14 +41,16 @@ def main() -> None:
     p.add_argument("--checkpoint", required=True, help="policy checkpoint (also the frozen sub-agents)")
     p.add_argument("--workers", type=int, nargs="+", default=[1, 2, 4, 8])
     p.add_argument("--steps", type=int, default=2)
+    p.add_argument("--trainer-workers", type=int, default=1, help="data-parallel trainer actors")
     p.add_argument("--json", default=None, help="also write the results here")
     a = p.parse_args()
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         for w in a.workers:
-            results[w] = run(a.config, a.checkpoint, w, a.steps, Path(tmp) / f"w{w}")
+            results[w] = run(a.config, a.checkpoint, w, a.steps, Path(tmp) / f"w{w}", a.trainer_workers)
             print(json.dumps({"workers": w, **results[w]}), flush=True)
-    print(f"\nmachine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; checkpoint {a.checkpoint}")
+    print(f"\nmachine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; checkpoint {a.checkpoint}; "
+          f"{a.trainer_workers} trainer worker(s)")
     print("| rollout workers | rollouts/s | generated tok/s (all agents) | step: rollouts | update | weight sync | "
           "tools' share of rollout time | mean episode wall |")
     print("|---|---|---|---|---|---|---|---|")

@@ -78,8 +78,9 @@ def test_train_two_steps_then_resume(ray_local: object, tiny_ckpt: str, tmp_path
     with pytest.raises(ValueError, match="already did 2"):
         run_training(load_config(EXAMPLE, policy_checkpoint=tiny_ckpt, out=str(out)), resume=True)
 
-    res = run_training(load_config(EXAMPLE, policy_checkpoint=tiny_ckpt, out=str(out), steps=3), resume=True,
-                       log=lambda m: None)
+    # resumed into two data-parallel trainers: both load the state, rank 0 pushes and saves
+    res = run_training(load_config(EXAMPLE, policy_checkpoint=tiny_ckpt, out=str(out), steps=3, trainer_workers=2),
+                       resume=True, log=lambda m: None)
     assert res.steps == 3 and res.version == 3
     chunk = read_metrics(out / "metrics.jsonl")
     assert [r.step for r in chunk.records] == [1, 2, 3]  # appended, not restarted
@@ -87,6 +88,7 @@ def test_train_two_steps_then_resume(ray_local: object, tiny_ckpt: str, tmp_path
     assert chunk.records[2].values["policy_version"] == 3
     assert chunk.records[2].values["lambda1"] == pytest.approx(0.0)  # annealed to 0 at anneal_steps=2
     assert json.loads((out / LOOP_STATE_FILE).read_text())["cursor"] == 3
+    assert torch.load(out / "train_state.pt", weights_only=False)["step"] == 3
 
 
 def test_cli_train_rejects_bad_config(tmp_path: Path) -> None:
@@ -120,3 +122,14 @@ def test_set_overrides_config_keys_and_names_bad_ones(tmp_path: Path) -> None:
         load_config(base, **parse_overrides(["lamda1=0"]))  # a misspelt key is named, not ignored
     r = CliRunner().invoke(app, ["train", str(base), "--set", "group_size=1"])
     assert r.exit_code == 2 and "group_size" in r.output
+
+
+def test_resume_check_reads_fields_a_run_predates_as_their_defaults(tiny_ckpt: str, tmp_path: Path) -> None:
+    from planner.parl.loop import _config_dump, changed_fields
+
+    cfg = load_config(EXAMPLE, policy_checkpoint=tiny_ckpt, out=str(tmp_path))
+    stored = _config_dump(cfg)
+    old = {k: v for k, v in stored.items() if k not in ("optimizer", "muon_momentum")}  # an older run's
+    assert changed_fields(old, cfg) == []
+    assert changed_fields(old, cfg.model_copy(update={"optimizer": "muon"})) == ["optimizer"]
+    assert changed_fields(stored, cfg.model_copy(update={"lr": 0.5, "trainer_workers": 3})) == ["lr"]

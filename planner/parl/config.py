@@ -66,13 +66,19 @@ class PARLConfig(BaseModel):
     lr: float = Field(1e-5, gt=0)
     weight_decay: float = Field(0.0, ge=0)
     betas: tuple[float, float] = (0.9, 0.95)
+    optimizer: Literal["adamw", "muon"] = Field(
+        "adamw", description="muon: Muon on hidden weight matrices, AdamW on embeddings, head and vectors")
+    muon_momentum: float = Field(0.95, ge=0, lt=1, description="Muon's (Nesterov) momentum")
     clip_eps: float = Field(0.2, gt=0, lt=1)
     kl_coef: float = Field(0.0, ge=0, description="k3 KL to the initial policy; 0 disables the reference model")
     grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step")
     grad_clip: float = Field(1.0, gt=0)
     max_version_lag: int = Field(0, ge=0, description="0: synchronous; >=1: next step's rollouts overlap training")
     trainer_actor: bool = Field(True, description="run the trainer in a Ray actor (else in the driver)")
-    trainer_num_cpus: float = Field(1.0, ge=0)
+    trainer_workers: int = Field(
+        1, ge=1, description="trainer actors in data parallel: each takes a share of a step's samples, "
+                             "gradients are all-reduced (gloo) before every optimizer step")
+    trainer_num_cpus: float = Field(1.0, ge=0, description="Ray CPUs reserved per trainer actor")
     threads: int | None = Field(None, ge=1, description="torch threads of the trainer")
     seed: int = 0
 
@@ -85,6 +91,9 @@ class PARLConfig(BaseModel):
     def _checks(self) -> PARLConfig:
         if self.subagent_checkpoint is None:
             self.subagent_checkpoint = self.policy_checkpoint
+        if self.trainer_workers > 1 and not self.trainer_actor:
+            raise ValueError(f"trainer_workers={self.trainer_workers} needs trainer_actor: true "
+                             "(data-parallel trainers are Ray actors)")
         if self.betas[0] < 0 or self.betas[0] >= 1 or self.betas[1] < 0 or self.betas[1] >= 1:
             raise ValueError(f"betas must both be in [0, 1), got {self.betas}")
         return self

@@ -41,7 +41,7 @@ MAX_STALE_RECOLLECTS = 3
 LOOP_STATE_FILE = "loop_state.json"  # step, data cursor, config: read before any actor starts
 # Fields that may differ between a run and its resume (how long, how it is run); all others must match.
 RESUMABLE_CHANGES = {"steps", "threads", "save_every", "tensorboard", "rollout_workers", "swarm_workers",
-                     "trainer_actor", "trainer_num_cpus", "engine_num_cpus", "episode_timeout_s"}
+                     "trainer_actor", "trainer_workers", "trainer_num_cpus", "engine_num_cpus", "episode_timeout_s"}
 
 
 @dataclass
@@ -78,18 +78,12 @@ def _config_dump(cfg: PARLConfig) -> dict[str, Any]:
     return cfg.model_dump(mode="json", exclude=RESUMABLE_CHANGES)
 
 
-class _Call:
-    """Calls the trainer in-process or through its Ray actor with one syntax."""
-
-    def __init__(self, target: Any, remote: bool) -> None:
-        self.target, self.remote = target, remote
-
-    def __call__(self, method: str, *args: Any) -> Any:
-        if self.remote:
-            import ray
-
-            return ray.get(getattr(self.target, method).remote(*args))
-        return getattr(self.target, method)(*args)
+def changed_fields(stored: dict[str, Any], cfg: PARLConfig) -> list[str]:
+    """Config fields that differ from a run's stored ones. A field the run predates counts as stored
+    with its default, so runs written before a new option was added still resume."""
+    defaults = {k: f.default for k, f in PARLConfig.model_fields.items()}
+    current = _config_dump(cfg)
+    return sorted(k for k, v in current.items() if stored.get(k, defaults.get(k)) != v)
 
 
 def default_tokenizer(cfg: PARLConfig) -> str:
@@ -109,7 +103,7 @@ def run_training(cfg: PARLConfig, *, resume: bool = False, address: str | None =
     from model_shards.shards import launch_engine_actor
     from model_shards.tokenizer import load_tokenizer
     from planner.parl.policy_host import launch_policy_host
-    from planner.parl.trainer import STATE_FILE, PARLTrainer, launch_trainer_actor
+    from planner.parl.trainer import STATE_FILE, PARLTrainer, TrainerGroup, launch_trainers
 
     cfg.check_paths()
     out = Path(cfg.out)
@@ -120,8 +114,8 @@ def run_training(cfg: PARLConfig, *, resume: bool = False, address: str | None =
         if not (out / STATE_FILE).is_file() or not (out / LOOP_STATE_FILE).is_file():
             raise FileNotFoundError(f"--resume: no {STATE_FILE} and {LOOP_STATE_FILE} in {out} (nothing to resume)")
         loop_state = json.loads((out / LOOP_STATE_FILE).read_text())
-        if loop_state.get("config") != _config_dump(cfg):
-            changed = sorted(k for k, v in _config_dump(cfg).items() if loop_state.get("config", {}).get(k) != v)
+        changed = changed_fields(loop_state.get("config", {}), cfg)
+        if changed:
             raise ValueError(f"--resume: {out} was written with a different configuration (changed: "
                              f"{', '.join(changed)}; only {', '.join(sorted(RESUMABLE_CHANGES))} may change)")
         if loop_state["step"] >= cfg.steps:
@@ -148,11 +142,13 @@ def run_training(cfg: PARLConfig, *, resume: bool = False, address: str | None =
         actors.append(launch_engine_actor(sub_name, spec(str(cfg.subagent_checkpoint)), tokenizer=tokenizer,
                                           model_name="parl-subagents", num_cpus=cfg.engine_num_cpus))
         if cfg.trainer_actor:
-            trainer_handle = launch_trainer_actor(cfg, policy_name)
-            actors.append(trainer_handle)
+            trainers = launch_trainers(cfg, policy_name)
+            actors.extend(trainers)
+            if len(trainers) > 1:
+                log(f"{len(trainers)} data-parallel trainer actors joined one process group (gloo)")
         else:
-            trainer_handle = PARLTrainer(cfg, policy_name)
-        trainer = _Call(trainer_handle, cfg.trainer_actor)
+            trainers = [PARLTrainer(cfg, policy_name)]
+        trainer = TrainerGroup(trainers, cfg.trainer_actor)
         workers = launch_rollout_workers(cfg, policy_name, sub_name)
         actors.extend(workers)
 

@@ -1,10 +1,16 @@
 """PARLTrainer: the fp32 orchestrator policy, its optimizer and the clipped policy-gradient update.
 
-A plain class (tests use it in-process); `launch_trainer_actor` runs it as a Ray actor. After each
-update `push_weights` hot-loads the new weights into the policy engine (PolicyHost.update_weights_
-versioned) and bumps the policy version that rollouts record. Checkpoints hold the HF-format model
-(model_shards.checkpoint.save_checkpoint), the optimizer, the step, the version, torch's RNG state
-and whatever loop state the driver passes (data cursor, config).
+A plain class (tests use it in-process); `launch_trainers` runs it as one Ray actor, or as
+`trainer_workers` actors in data parallel: every rank holds the whole model and optimizer, trains on
+its share of the step's samples, and the summed gradients are all-reduced (torch.distributed, gloo)
+before each rank takes the same optimizer step, so the replicas never diverge. The gradients are
+reduced by hand once per step rather than through DistributedDataParallel, whose per-backward hooks
+would hang when ranks run different numbers of micro-batches (a step's samples do not split evenly).
+
+After each update `push_weights` hot-loads the new weights into the policy engine (PolicyHost.
+update_weights_versioned; rank 0 only) and bumps the policy version that rollouts record. Checkpoints
+hold the HF-format model (model_shards.checkpoint.save_checkpoint), the optimizer, the step, the
+version, torch's RNG state and whatever loop state the driver passes (data cursor, config).
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from model_shards.bpe import TOKENIZER_FILES
 from model_shards.checkpoint import load_checkpoint, save_checkpoint
 from planner.parl.config import PARLConfig
 from planner.parl.loss import policy_loss
+from planner.parl.muon import build_optimizer
 from planner.parl.samples import (
     OrchestratorSample,
     collate,
@@ -43,29 +50,76 @@ def micro_batches(samples: Sequence[OrchestratorSample], n: int) -> list[list[Or
     return [ordered[i : i + size] for i in range(0, len(ordered), size)]
 
 
+def rank_share(samples: Sequence[OrchestratorSample], rank: int, world: int) -> list[OrchestratorSample]:
+    """The samples data-parallel rank `rank` trains on: longest first, each to the rank with the fewest
+    tokens so far (ties to the lower rank), so ranks get about equal work. Every rank computes the
+    same split from the same list."""
+    loads = [0] * world
+    mine: list[OrchestratorSample] = []
+    for s in sorted(samples, key=len, reverse=True):
+        r = min(range(world), key=lambda i: loads[i])
+        loads[r] += len(s)
+        if r == rank:
+            mine.append(s)
+    return mine
+
+
 class PARLTrainer:
-    def __init__(self, cfg: PARLConfig, policy_actor: str | None = None) -> None:
+    def __init__(self, cfg: PARLConfig, policy_actor: str | None = None, rank: int = 0, world: int = 1) -> None:
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         torch.manual_seed(cfg.seed)
         self.cfg = cfg
         self.policy_actor = policy_actor
+        self.rank, self.world = rank, world
         self.mcfg, self.model = load_checkpoint(cfg.policy_checkpoint, dtype=torch.float32)
         self.model.train()
         # The reference (initial) policy exists only when the KL term is on.
         self.ref = copy.deepcopy(self.model).eval().requires_grad_(False) if cfg.kl_coef > 0 else None
-        decay = [p for p in self.model.parameters() if p.requires_grad and p.dim() >= 2]
-        no_decay = [p for p in self.model.parameters() if p.requires_grad and p.dim() < 2]
-        self.opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                                      {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=cfg.betas)
+        self.opt = build_optimizer(self.model, cfg.optimizer, lr=cfg.lr, betas=cfg.betas,
+                                   weight_decay=cfg.weight_decay, momentum=cfg.muon_momentum)
         self.step = 0
         self.version = 0
         self._policy: Any = None
 
+    # ---- data parallel ---------------------------------------------------------------------------
+    def dist_address(self) -> tuple[str, int]:
+        """Where rank 0 listens for the others (called on rank 0 before `join`)."""
+        import ray
+
+        from model_shards.model_runner import free_port
+
+        return ray.util.get_node_ip_address(), free_port()
+
+    def join(self, init_method: str, timeout_s: float = 300.0) -> int:
+        """Join the trainers' process group (gloo: the trainer runs on CPU); returns this rank."""
+        from model_shards.model_runner import init_distributed
+
+        init_distributed(self.rank, self.world, init_method, backend="gloo", timeout_s=timeout_s)
+        return self.rank
+
+    def _all_reduce(self, acc: dict[str, float]) -> None:
+        """Sum the gradients and the loss statistics over the ranks (one flat buffer, one collective).
+        A parameter without a gradient on this rank contributes zeros."""
+        import torch.distributed as dist
+
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        keys = sorted(acc)
+        flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in params]
+                         + [torch.tensor([acc[k] for k in keys], dtype=torch.float32)])
+        dist.all_reduce(flat)
+        offset = 0
+        for p in params:
+            p.grad = flat[offset : offset + p.numel()].view_as(p).clone()
+            offset += p.numel()
+        acc.update(zip(keys, flat[offset:].tolist()))
+
     # ---- the update ------------------------------------------------------------------------------
     def train_step(self, samples: Sequence[OrchestratorSample]) -> dict[str, float | None]:
         """One optimizer step on orchestrator samples carrying advantages; returns loss statistics.
-        Samples with a zero advantage add no policy gradient, so without KL they are skipped."""
+        Samples with a zero advantage add no policy gradient, so without KL they are skipped. With
+        several data-parallel ranks every rank gets the whole list, trains on its `rank_share` and
+        returns the statistics of the whole batch."""
         cfg = self.cfg
         used = [s for s in samples if s.completion_ids and (s.advantage != 0.0 or cfg.kl_coef > 0)]
         out: dict[str, float | None] = {"samples": float(len(samples)), "trained_samples": float(len(used)),
@@ -79,7 +133,8 @@ class PARLTrainer:
         self.opt.zero_grad(set_to_none=True)
         acc = {"loss": 0.0, "pg_loss": 0.0, "clip_fraction": 0.0, "kl": 0.0, "entropy": 0.0, "ratio_mean": 0.0,
                "logprob_mismatch": 0.0}
-        for mb in micro_batches(used, cfg.grad_accum):
+        mine = rank_share(used, self.rank, self.world) if self.world > 1 else used
+        for mb in micro_batches(mine, cfg.grad_accum) if mine else []:
             batch = collate(mb)
             logits = self.model.forward_logits(batch.ids)
             new_lp = token_logprobs(logits, batch.ids, cfg.temperature)
@@ -99,6 +154,8 @@ class PARLTrainer:
                 acc["entropy"] += float((token_entropy(logits, cfg.temperature) * m).sum()) / total_tokens
                 # Engine vs trainer logprobs of the same tokens: ~0 when both hold the same weights.
                 acc["logprob_mismatch"] += float(((new_lp - batch.old_logprobs).abs() * m).sum()) / total_tokens
+        if self.world > 1:
+            self._all_reduce(acc)
         grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip))
         self.opt.step()
         self.step += 1
@@ -112,7 +169,11 @@ class PARLTrainer:
 
     def push_weights(self, bump: bool = True) -> float:
         """Hot-load the current weights into the policy engine as version+1 (bump=False: as the current
-        version, e.g. after a resume); returns the seconds it took."""
+        version, e.g. after a resume); returns the seconds it took. Ranks other than 0 hold the same
+        weights and only follow the version."""
+        if self.rank > 0:
+            self.version += int(bump)
+            return 0.0
         if self.policy_actor is None:
             raise RuntimeError("push_weights needs the policy engine's actor name (policy_actor)")
         import ray
@@ -163,7 +224,40 @@ class PARLTrainer:
         return dict(state["extra"])
 
 
-def launch_trainer_actor(cfg: PARLConfig, policy_actor: str) -> Any:
+def launch_trainers(cfg: PARLConfig, policy_actor: str | None) -> list[Any]:
+    """`cfg.trainer_workers` PARLTrainer actors; with more than one, joined in one process group."""
     import ray
 
-    return ray.remote(PARLTrainer).options(num_cpus=cfg.trainer_num_cpus).remote(cfg, policy_actor)
+    world = cfg.trainer_workers
+    cls = ray.remote(PARLTrainer).options(num_cpus=cfg.trainer_num_cpus, max_restarts=0)
+    actors = [cls.remote(cfg, policy_actor, rank, world) for rank in range(world)]
+    if world > 1:
+        try:
+            ip, port = ray.get(actors[0].dist_address.remote())
+            ray.get([a.join.remote(f"tcp://{ip}:{port}") for a in actors])
+        except Exception:
+            for a in actors:
+                ray.kill(a)
+            raise
+    return actors
+
+
+class TrainerGroup:
+    """The trainer as the training loop calls it, with one syntax: a PARLTrainer in-process, or its
+    data-parallel Ray actors. Every rank runs every call (they must stay in lockstep), except those
+    that only read or write what all ranks hold alike, which rank 0 answers alone."""
+
+    RANK0_ONLY = frozenset({"save", "get_version", "weights"})
+
+    def __init__(self, targets: list[Any], remote: bool) -> None:
+        self.targets, self.remote = targets, remote
+
+    def __call__(self, method: str, *args: Any) -> Any:
+        if not self.remote:
+            return getattr(self.targets[0], method)(*args)
+        import ray
+
+        targets = self.targets[:1] if method in self.RANK0_ONLY else self.targets
+        if len(targets) > 1:
+            args = tuple(ray.put(a) for a in args)  # one copy in the object store, not one per rank
+        return ray.get([getattr(t, method).remote(*args) for t in targets])[0]
