@@ -59,3 +59,12 @@ def test_two_data_parallel_trainers_make_the_update_of_one(ray_local: object, ti
     finally:
         for t in group.targets:
             ray.kill(t)
+
+
+def test_trainers_that_cannot_all_start_fail_with_the_resource_named(ray_local: object, tiny_ckpt: str,
+                                                                     tmp_path: Path) -> None:
+    # two trainers of 3 CPUs each on the 4-CPU test cluster: the second can never be placed, and rank 0
+    # must not be left waiting for it in the process group's rendezvous
+    cfg = _cfg(tiny_ckpt, tmp_path).model_copy(update={"trainer_workers": 2, "trainer_num_cpus": 3.0})
+    with pytest.raises(RuntimeError, match=r"did not start within 5 s.*trainer_num_cpus=3\.0"):
+        launch_trainers(cfg, None, ready_timeout_s=5)

@@ -224,13 +224,23 @@ class PARLTrainer:
         return dict(state["extra"])
 
 
-def launch_trainers(cfg: PARLConfig, policy_actor: str | None) -> list[Any]:
-    """`cfg.trainer_workers` PARLTrainer actors; with more than one, joined in one process group."""
+def launch_trainers(cfg: PARLConfig, policy_actor: str | None, ready_timeout_s: float = 180.0) -> list[Any]:
+    """`cfg.trainer_workers` PARLTrainer actors; with more than one, joined in one process group.
+    Raises RuntimeError when they cannot all start (e.g. too few free CPUs for trainer_num_cpus each),
+    instead of leaving the ranks that did start waiting for the others."""
     import ray
 
     world = cfg.trainer_workers
     cls = ray.remote(PARLTrainer).options(num_cpus=cfg.trainer_num_cpus, max_restarts=0)
     actors = [cls.remote(cfg, policy_actor, rank, world) for rank in range(world)]
+    _, pending = ray.wait([a.get_version.remote() for a in actors], num_returns=world, timeout=ready_timeout_s)
+    if pending:
+        for a in actors:
+            ray.kill(a)
+        raise RuntimeError(
+            f"{len(pending)} of {world} trainer actor(s) did not start within {ready_timeout_s:.0f} s; each "
+            f"asks for trainer_num_cpus={cfg.trainer_num_cpus} CPUs and the cluster has "
+            f"{ray.available_resources().get('CPU', 0):g} free: lower trainer_num_cpus or trainer_workers")
     if world > 1:
         try:
             ip, port = ray.get(actors[0].dist_address.remote())
