@@ -110,7 +110,7 @@ class PARLTrainer:
         dist.all_reduce(flat)
         offset = 0
         for p in params:
-            p.grad = flat[offset : offset + p.numel()].view_as(p).clone()
+            p.grad = flat[offset : offset + p.numel()].view_as(p)  # views of the one reduced buffer
             offset += p.numel()
         acc.update(zip(keys, flat[offset:].tolist()))
 
@@ -133,8 +133,7 @@ class PARLTrainer:
         self.opt.zero_grad(set_to_none=True)
         acc = {"loss": 0.0, "pg_loss": 0.0, "clip_fraction": 0.0, "kl": 0.0, "entropy": 0.0, "ratio_mean": 0.0,
                "logprob_mismatch": 0.0}
-        mine = rank_share(used, self.rank, self.world) if self.world > 1 else used
-        for mb in micro_batches(mine, cfg.grad_accum) if mine else []:
+        for mb in micro_batches(rank_share(used, self.rank, self.world), cfg.grad_accum):
             batch = collate(mb)
             logits = self.model.forward_logits(batch.ids)
             new_lp = token_logprobs(logits, batch.ids, cfg.temperature)
