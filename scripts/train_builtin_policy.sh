@@ -146,7 +146,15 @@ T=(--twin-names 0.3)
 sft_stage "$W/cpu-k" 200 --steps 200 --seed 20 --data-seed 20 --init-from "$W/cpu-j" "${P[@]}" "${T[@]}"
 sft_stage "$W/cpu-l" 200 --steps 200 --seed 21 --data-seed 21 --init-from "$W/cpu-k" "${P[@]}" "${T[@]}"
 sft_stage "$W/cpu-m" 200 --steps 200 --seed 22 --data-seed 22 --init-from "$W/cpu-l" "${P[@]}" "${T[@]}"
-LAST="$W/cpu-m"
+
+# 32. Session 20: the serial start that issue 4 asks the built-in policy to be, and PARL starts from.
+#    50 steps on plan conversations alone, in which the plans of 3 tasks in 4 cap every fan-out at one
+#    copy at a time ("parallel": 1), so the sub-agents' and the aggregator's outputs keep stage 29's
+#    training. Greedy, it writes the serial plan (docs/policy.md, "Session 20").
+sft_stage "$W/cpu-n" 50 --steps 50 --seed 25 --data-seed 25 --init-from "$W/cpu-m" --lr 3e-5 --warmup 5 \
+    --train-tasks 600 --fake-entity-copies 2 --batch-tokens 12288 --eval-every 50 --save-every 25 "${S[@]}" \
+    --fake-names places+countries "${T[@]}" --kinds orchestrator_plan --serial-plans 0.75
+LAST="$W/cpu-n"
 
 # Ship: the checkpoint, its tokenizer, policy.json (the last stage's command and config) and every
 # stage's log; not train_state.pt (optimizer state, 5x the weights).
@@ -175,4 +183,5 @@ cp "$W/cpu-i/train_log.jsonl" "$DEST/logs/22-cpu-i_train_log.jsonl"
 cp "$W/cpu-j/train_log.jsonl" "$DEST/logs/23-cpu-j_train_log.jsonl"
 cp "$W/cpu-k/train_log.jsonl" "$DEST/logs/27-cpu-k_train_log.jsonl"
 cp "$W/cpu-l/train_log.jsonl" "$DEST/logs/28-cpu-l_train_log.jsonl"
+cp "$W/cpu-m/train_log.jsonl" "$DEST/logs/29-cpu-m_train_log.jsonl"
 echo "policy: $LAST, shipped to $DEST"

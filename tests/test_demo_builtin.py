@@ -168,7 +168,9 @@ def test_cli_demo_and_eval_exit_2_on_a_missing_checkpoint(tmp_path, monkeypatch)
 
 
 def test_demo_serves_the_checkpoint_with_tp2_and_runs_both_jobs_through_the_service(
-        ray_local, tiny_checkpoint, tmp_path) -> None:
+        ray_local, tiny_checkpoint, tmp_path, monkeypatch) -> None:
+    # the tiny checkpoint stands in for the shipped policy (the note on its serial start follows the table)
+    monkeypatch.setattr(builtin, "BUILTIN_POLICY_DIR", tiny_checkpoint)
     settings = no_endpoint(tmp_path)
     seen: dict[str, object] = {}
 
@@ -196,6 +198,8 @@ def test_demo_serves_the_checkpoint_with_tp2_and_runs_both_jobs_through_the_serv
     assert "policy " + str(tiny_checkpoint.resolve()) in text and "TP=2" in text
     for col in ("item-F1", "row-F1", "critical steps", "total steps", "sub-agents", "tool calls", "wall"):
         assert col in text, text
+    assert "starts out serial" in text and "swarm train examples/parl_widegeo.yaml" in text
+    assert text.index("critical steps") < text.index("starts out serial")
 
     store = JobStore(settings.db_path)
     try:
