@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from model_shards import torch_thread
 from model_shards.engine_api import (
     Constraint,
     GenerationRequest,
@@ -266,7 +267,7 @@ class LLMEngine:
         self.scheduler.commit(step)
         self.steps += 1
         try:
-            self._sample_and_emit(step, logits)
+            await self._sample_and_emit(step, logits)
         except Exception as e:
             log.exception("sampling failed")
             self._fail_running(e)
@@ -311,9 +312,7 @@ class LLMEngine:
                 st.done = True
                 st.queue.put_nowait(RuntimeError(f"engine step failed: {err}"))
 
-    def _sample_and_emit(self, step: ScheduledStep, logits: torch.Tensor) -> None:
-        from model_shards.sampling import sample
-
+    async def _sample_and_emit(self, step: ScheduledStep, logits: torch.Tensor) -> None:
         rows: list[int] = []
         states: list[_Request] = []
         for i, e in enumerate(step.entries):
@@ -323,6 +322,16 @@ class LLMEngine:
                 states.append(st)
         if not rows:
             return
+        # On the torch thread, like the steps: the event loop thread runs no torch work (see torch_thread).
+        token_ids, logprobs = await torch_thread.run(self._sample_rows, logits, rows, states)
+        for k, st in enumerate(states):
+            if not st.done:  # a request closed while its row was being sampled gets nothing more
+                self._on_token(st, token_ids[k], logprobs[k])
+
+    def _sample_rows(self, logits: torch.Tensor, rows: list[int], states: list[_Request]
+                     ) -> tuple[list[int], list[float]]:
+        from model_shards.sampling import sample
+
         sel = logits[rows]
         allowed = None
         if any(st.matcher is not None for st in states):
@@ -332,8 +341,7 @@ class LLMEngine:
                     allowed[k] = False
                     st.matcher.fill_allowed(allowed[k])
         token_ids, logprobs = sample(sel, [st.req.params for st in states], [st.generator for st in states], allowed)
-        for k, st in enumerate(states):
-            self._on_token(st, int(token_ids[k]), float(logprobs[k]))
+        return token_ids.tolist(), logprobs.tolist()
 
     def _on_token(self, st: _Request, tok: int, logprob: float) -> None:
         rid = st.req.request_id

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
@@ -107,8 +107,13 @@ class LatentKVCache:
         if num_slots <= 0 or max_len <= 0:
             raise ValueError(f"LatentKVCache needs num_slots > 0 and max_len > 0, got {num_slots}, {max_len}")
         self.num_slots, self.max_len = num_slots, max_len
-        self.latent = torch.zeros(cfg.num_hidden_layers, num_slots, max_len, cfg.kv_lora_rank, dtype=dtype, device=device)
-        self.k_rope = torch.zeros(cfg.num_hidden_layers, num_slots, max_len, cfg.qk_rope_head_dim, dtype=dtype, device=device)
+        # One buffer, [latent | roped key] per position: a token's row is written with one scatter, and
+        # decode attention scores both parts with one matmul. `latent` and `k_rope` are views of it.
+        r = cfg.kv_lora_rank
+        self.kv = torch.zeros(cfg.num_hidden_layers, num_slots, max_len, r + cfg.qk_rope_head_dim, dtype=dtype,
+                              device=device)
+        self.latent = self.kv[..., :r]
+        self.k_rope = self.kv[..., r:]
 
     def copy_prefix(self, src_slot: int, dst_slot: int, length: int) -> None:
         """Copies the first `length` cached positions of src_slot into dst_slot (prefix reuse)."""
@@ -119,8 +124,7 @@ class LatentKVCache:
             raise ValueError(f"copy_prefix: length={length} is outside [0, {self.max_len}]")
         if src_slot == dst_slot or length == 0:
             return
-        self.latent[:, dst_slot, :length] = self.latent[:, src_slot, :length]
-        self.k_rope[:, dst_slot, :length] = self.k_rope[:, src_slot, :length]
+        self.kv[:, dst_slot, :length] = self.kv[:, src_slot, :length]
 
 
 # ---- building blocks -----------------------------------------------------------------------------------
@@ -251,16 +255,83 @@ class MLAttention(nn.Module):
         self.o_proj = Linear(self.n_heads * cfg.v_head_dim, h, dtype, init)
         self.scale = cfg.softmax_scale
 
-    def _fused_a_weight(self) -> torch.Tensor:
-        """[q_a_proj; kv_a_proj_with_mqa] stacked, so serving runs one matmul for both (both read x).
-        Rebuilt when either weight is replaced or updated in place (version counters); no autograd."""
-        parts = (self.q_a_proj.weight, self.kv_a_proj_with_mqa.weight)
+    def _derived_weight(self, name: str, parts: tuple[torch.Tensor, ...],
+                        build: "Callable[..., torch.Tensor]") -> torch.Tensor:
+        """build(*parts), cached; rebuilt when any part is replaced or updated in place (version counters),
+        so hot weight updates reach it. Serving only: no autograd."""
         key = tuple((id(w), w.data_ptr(), w._version) for w in parts)
-        cached = getattr(self, "_fused_a_cache", None)
-        if cached is None or cached[0] != key:
-            cached = (key, torch.cat([w.detach() for w in parts], dim=0))
-            self._fused_a_cache = cached
-        return cached[1]
+        cache = self.__dict__.setdefault("_derived_cache", {})
+        hit = cache.get(name)
+        if hit is None or hit[0] != key:
+            with torch.no_grad():
+                hit = (key, build(*(w.detach() for w in parts)))
+            cache[name] = hit
+        return hit[1]
+
+    def _fused_a_weight(self) -> torch.Tensor:
+        """[q_a_proj; kv_a_proj_with_mqa] stacked, so serving runs one matmul for both (both read x)."""
+        return self._derived_weight("fused_a", (self.q_a_proj.weight, self.kv_a_proj_with_mqa.weight),
+                                    lambda a, b: torch.cat([a, b], dim=0))
+
+    def _absorbed_q_weight(self) -> torch.Tensor:
+        """[h*(R+P), q_lora]: per head, q_b_proj's nope rows mapped into the latent space through kv_b_proj's
+        key half (so q·latent needs no per-step matmul), then its rope rows; times the softmax scale."""
+        cfg, h = self.cfg, self.n_heads
+        nope, rope_dim, r = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.kv_lora_rank
+
+        def build(wq: torch.Tensor, wkv: torch.Tensor) -> torch.Tensor:
+            wq = wq.view(h, nope + rope_dim, -1)
+            w_k = wkv.view(h, nope + cfg.v_head_dim, r)[:, :nope]  # [h, nope, R]
+            q_latent = torch.einsum("hnr,hnq->hrq", w_k, wq[:, :nope])
+            return (torch.cat([q_latent, wq[:, nope:]], dim=1) * self.scale).reshape(h * (r + rope_dim), -1)
+
+        return self._derived_weight("absorbed_q", (self.q_b_proj.weight, self.kv_b_proj.weight), build)
+
+    def _absorbed_o_weight(self) -> torch.Tensor:
+        """[hidden, h*R]: o_proj composed with kv_b_proj's value half, applied to the attended latents."""
+        cfg, h = self.cfg, self.n_heads
+        nope, v, r = cfg.qk_nope_head_dim, cfg.v_head_dim, cfg.kv_lora_rank
+
+        def build(wo: torch.Tensor, wkv: torch.Tensor) -> torch.Tensor:
+            w_v = wkv.view(h, nope + v, r)[:, nope:]  # [h, v, R]
+            return torch.einsum("ohv,hvr->ohr", wo.view(wo.shape[0], h, v), w_v).reshape(wo.shape[0], h * r)
+
+        return self._derived_weight("absorbed_o", (self.o_proj.weight, self.kv_b_proj.weight), build)
+
+    def _fast_decode_applies(self, x: torch.Tensor, plan: "_BatchPlan", rope: torch.Tensor | None) -> bool:
+        """The fused decode path: pure-decode batches of small fp32 models on CPU (where per-op overhead
+        dominates), when the Triton kernels are not in use. Its absorbed weights are larger than the
+        factors they replace, so big models (compute-bound) keep the plain path."""
+        cfg = self.cfg
+        if plan.decode_keys is None or rope is None or x.device.type != "cpu" or x.dtype != torch.float32:
+            return False
+        if not cfg.q_lora_rank or torch.is_grad_enabled():
+            return False
+        k = _kernels()
+        if k is not None and k.triton_enabled(x):
+            return False
+        r, p = cfg.kv_lora_rank, cfg.qk_rope_head_dim
+        absorbed = self.n_heads * (r + p) * cfg.q_lora_rank + cfg.hidden_size * self.n_heads * r
+        return absorbed <= _FUSE_MAX_ELEMENTS and self._fuse_a_projections(x)
+
+    def _decode_fast(self, x: torch.Tensor, plan: "_BatchPlan", cache: LatentKVCache, rope: torch.Tensor) -> torch.Tensor:
+        """One new token per sequence, in ~15 ops: absorbed MLA with the softmax scale and both halves of
+        kv_b_proj folded into the query and output weights, one score matmul over the cache's
+        [latent | roped key] rows and a mask shared by every layer. x [S, H] -> partial o_proj output [S, H]."""
+        cfg = self.cfg
+        h, r, p = self.n_heads, cfg.kv_lora_rank, cfg.qk_rope_head_dim
+        s = x.shape[0]
+        q_a, kv = F.linear(x, self._fused_a_weight()).split([cfg.q_lora_rank, r + p], dim=-1)
+        q = F.linear(self.q_a_layernorm(q_a), self._absorbed_q_weight()).view(s, h, r + p)
+        roped = torch.bmm(torch.cat([q[..., r:], kv[:, None, r:]], dim=1), rope)  # [S, h+1, P]: heads, then key
+        q = torch.cat([q[..., :r], roped[:, :h]], dim=-1)
+        rows = cache.kv[self.layer_idx]
+        rows[plan.token_slots, plan.token_cache_pos] = torch.cat([self.kv_a_layernorm(kv[:, :r]), roped[:, h]], dim=-1)
+        m = plan.decode_keys
+        keys = rows[:s, :m] if plan.decode_slots_are_prefix else rows[:, :m].index_select(0, plan.batch.cache_slots)
+        scores = torch.bmm(q, keys.transpose(1, 2)).add_(plan.decode_mask)  # [S, h, m]
+        o_latent = torch.bmm(torch.softmax(scores, dim=-1), keys[..., :r])  # [S, h, R]
+        return F.linear(o_latent.reshape(s, h * r), self._absorbed_o_weight())
 
     def _fuse_a_projections(self, x: torch.Tensor) -> bool:
         """Only small CPU models gain from saving one matmul launch; big ones would pay a second copy of
@@ -368,11 +439,14 @@ class MLAttention(nn.Module):
                        absorbed_decode: bool, rope: torch.Tensor | None = None) -> torch.Tensor:
         """x [T, H] of a ragged batch; writes latents into the cache; -> partial o_proj output [T, H].
         One-token rows attend over the latent (absorbed) when allowed; the others run as one padded batch."""
+        if cache is not None and absorbed_decode and self._fast_decode_applies(x, plan, rope):
+            assert rope is not None
+            return self._decode_fast(x, plan, cache, rope)
         batch = plan.batch
         q_nope, q_pe, latent, k_pe = self._project(x, rotary, batch.positions, rope)
         if cache is not None:  # one scatter for the whole batch
-            cache.latent[self.layer_idx, plan.token_slots, plan.token_cache_pos] = latent.to(cache.latent.dtype)
-            cache.k_rope[self.layer_idx, plan.token_slots, plan.token_cache_pos] = k_pe.to(cache.k_rope.dtype)
+            row = torch.cat([latent, k_pe], dim=-1).to(cache.kv.dtype)
+            cache.kv[self.layer_idx, plan.token_slots, plan.token_cache_pos] = row
         if cache is None or not absorbed_decode or plan.decode is None:
             assert plan.whole is not None
             return self.o_proj(self._attend_padded(q_nope, q_pe, latent, k_pe, cache, plan.whole))
@@ -448,9 +522,14 @@ class _BatchPlan:
     whole: "_PaddedGroup | None"  # every sequence, for the naive path (built only when that path runs)
     decode: _DecodeRows | None  # one-token sequences, if any
     prefill: "_PaddedGroup | None"  # the other sequences, if any
+    # Pure-decode batches: keys attended (longest sequence), an additive [S, 1, keys] mask (-inf past each
+    # sequence's end) and whether the sequences sit in cache slots 0..S-1 (keys are then a view).
+    decode_keys: int | None = None
+    decode_mask: torch.Tensor | None = None
+    decode_slots_are_prefix: bool = False
 
     @classmethod
-    def of(cls, batch: ForwardBatch, absorbed_decode: bool) -> "_BatchPlan":
+    def of(cls, batch: ForwardBatch, absorbed_decode: bool, fused_decode: bool = True) -> "_BatchPlan":
         cu = batch.cu_seqlens.tolist()
         ctx = batch.context_lens.tolist()
         lens = batch.cu_seqlens[1:] - batch.cu_seqlens[:-1]
@@ -469,7 +548,15 @@ class _BatchPlan:
         whole = None
         if not absorbed_decode or decode is None:
             whole = prefill if decode is None else _PaddedGroup.of(batch, list(range(n_seqs)), cu, ctx)
-        return cls(batch, token_slots, pos, whole, decode, prefill)
+        plan = cls(batch, token_slots, pos, whole, decode, prefill)
+        if absorbed_decode and fused_decode and prefill is None:
+            keys = max(ctx) + 1
+            past_end = torch.arange(keys, device=pos.device) > batch.context_lens.unsqueeze(1)  # [S, keys]
+            plan.decode_keys = keys
+            plan.decode_mask = torch.zeros(n_seqs, 1, keys, device=pos.device).masked_fill_(
+                past_end.unsqueeze(1), float("-inf"))
+            plan.decode_slots_are_prefix = batch.cache_slots.tolist() == list(range(n_seqs))
+        return plan
 
 
 def mla_decode_torch(q_latent: torch.Tensor, q_rope: torch.Tensor, latent: torch.Tensor, k_rope: torch.Tensor,
@@ -675,7 +762,8 @@ class KimiK2ForCausalLM(nn.Module):
         else:
             self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size // tp_size, dtype, init)
         self.rotary = Rotary(cfg)
-        # "auto": absorbed MLA for pure decode batches; "naive": always expand the latent (for tests/debugging).
+        # "auto": absorbed MLA for decode rows, through the fused CPU decode path where it applies;
+        # "absorbed": absorbed MLA through the kernels only; "naive": always expand the latent (tests/debugging).
         self.attention_path = "auto"
 
     # ---- forward ---------------------------------------------------------------------------------------
@@ -699,8 +787,8 @@ class KimiK2ForCausalLM(nn.Module):
     def forward(self, batch: ForwardBatch, cache: LatentKVCache | None) -> torch.Tensor:
         """Runs a ragged batch, writing its latents into `cache`; -> logits of each sequence's LAST token, [S, vocab] fp32."""
         batch.validate(cache)
-        absorbed = cache is not None and self.attention_path == "auto"
-        plan = _BatchPlan.of(batch, absorbed)
+        absorbed = cache is not None and self.attention_path in ("auto", "absorbed")
+        plan = _BatchPlan.of(batch, absorbed, fused_decode=self.attention_path == "auto")
         x = self._embed(batch.input_ids)
         dim = self.cfg.qk_rope_head_dim
         rope = None  # per-token RoPE maps, built once for every layer, when the batch is small

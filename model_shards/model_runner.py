@@ -17,6 +17,7 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
+from model_shards import torch_thread
 from model_shards.config import ModelConfig
 from model_shards.scheduler import StepInput
 
@@ -182,7 +183,8 @@ class RunnerGroup(Protocol):
 
 
 class LocalRunnerGroup:
-    """TP=1 in this process; steps run in a worker thread so the event loop keeps serving streams."""
+    """TP=1 in this process. The model is built and stepped on the process's torch thread
+    (model_shards.torch_thread), so the event loop keeps serving streams and runs no torch work."""
 
     def __init__(self, runner: ModelRunner) -> None:
         self.runner = runner
@@ -193,13 +195,13 @@ class LocalRunnerGroup:
 
     @classmethod
     def build(cls, spec: RunnerSpec) -> "LocalRunnerGroup":
-        return cls(ModelRunner.build(spec))
+        return cls(torch_thread.call(ModelRunner.build, spec))
 
     async def execute(self, step: StepInput) -> torch.Tensor:
-        return await asyncio.to_thread(self.runner.execute, step)
+        return await torch_thread.run(self.runner.execute, step)
 
     async def update_weights(self, tensors: Mapping[str, torch.Tensor]) -> None:
-        await asyncio.to_thread(self.runner.update_weights, tensors)
+        await torch_thread.run(self.runner.update_weights, tensors)
 
     async def close(self) -> None:
         return None
@@ -250,8 +252,9 @@ class DistributedRunnerGroup:
         ]
         for p in self.procs:
             p.start()
+        # Rank 0's model lives on this process's torch thread, like a LocalRunnerGroup's.
         group = init_distributed(0, tp, init_method, None, timeout_s, spec.device)
-        self.runner = ModelRunner.build(spec, 0, tp, group)
+        self.runner = torch_thread.call(ModelRunner.build, spec, 0, tp, group)
         self.cfg = self.runner.cfg
         self.tp_size = tp
         self.num_slots = spec.num_slots
@@ -277,10 +280,10 @@ class DistributedRunnerGroup:
         self.runner.update_weights(tensors)
 
     async def execute(self, step: StepInput) -> torch.Tensor:
-        return await asyncio.to_thread(self._execute, step)
+        return await torch_thread.run(self._execute, step)
 
     async def update_weights(self, tensors: Mapping[str, torch.Tensor]) -> None:
-        await asyncio.to_thread(self._update, tensors)
+        await torch_thread.run(self._update, tensors)
 
     async def close(self) -> None:
         self.shutdown()

@@ -182,6 +182,62 @@ def test_absorbed_mla_decode_equals_naive_path(tiny_model: KimiK2ForCausalLM) ->
     assert (results["auto"][0, 0] - results["auto"][0, 1]).abs().max().item() > 1e-3
 
 
+def _decode_run(m: KimiK2ForCausalLM, path: str, slots: list[int]) -> torch.Tensor:
+    """Ragged prompts, then 5 one-token steps for every sequence: [steps, S, vocab] logits."""
+    g = torch.Generator().manual_seed(21)
+    prompts = [torch.randint(0, VOCAB, (n,), generator=g).tolist() for n in (6, 13, 2, 9)]
+    m.attention_path = path
+    try:
+        cache = LatentKVCache(m.cfg, num_slots=6, max_len=32)
+        m(ForwardBatch.from_sequences(prompts, slots, [0] * len(prompts)), cache)
+        ctx = [len(p) for p in prompts]
+        steps = []
+        for step in range(5):
+            toks = [[(31 * step + 7 * i) % VOCAB] for i in range(len(prompts))]
+            steps.append(m(ForwardBatch.from_sequences(toks, slots, ctx), cache))
+            ctx = [c + 1 for c in ctx]
+        return torch.stack(steps)
+    finally:
+        m.attention_path = "auto"
+
+
+@pytest.mark.parametrize("slots", [[0, 1, 2, 3], [4, 0, 5, 2]])
+def test_fused_cpu_decode_equals_absorbed_kernel_path(tiny_model: KimiK2ForCausalLM, slots: list[int]) -> None:
+    """The fused CPU decode path (folded weights, one score matmul, a shared mask) against the absorbed
+    path through the kernels, for ragged contexts in the first cache slots and in scattered ones."""
+    m = tiny_model
+    layer = m.model.layers[0].self_attn
+    with torch.no_grad():  # the model's forward runs without autograd; the fused path needs that
+        assert layer._fast_decode_applies(torch.zeros(1, m.cfg.hidden_size), _pure_decode_plan(), torch.zeros(1, 1, 1))
+    fused, kernel = _decode_run(m, "auto", slots), _decode_run(m, "absorbed", slots)
+    assert (fused - kernel).abs().max().item() <= 1e-4
+    assert (fused[:, 0] - fused[:, 1]).abs().max().item() > 1e-3  # sequences differ: the mask is per sequence
+
+
+def test_fused_cpu_decode_follows_hot_weight_updates(tiny_model: KimiK2ForCausalLM) -> None:
+    """The folded query/output weights are rebuilt when the weights they come from change in place."""
+    m = tiny_model
+    before = _decode_run(m, "auto", [0, 1, 2, 3])
+    w = m.model.layers[1].self_attn.kv_b_proj.weight
+    saved = w.detach().clone()
+    try:
+        with torch.no_grad():
+            w.mul_(1.5)
+        after, kernel = _decode_run(m, "auto", [0, 1, 2, 3]), _decode_run(m, "absorbed", [0, 1, 2, 3])
+        assert (after - before).abs().max().item() > 1e-3
+        assert (after - kernel).abs().max().item() <= 1e-4
+    finally:
+        with torch.no_grad():
+            w.copy_(saved)
+
+
+def _pure_decode_plan():
+    from model_shards.model import _BatchPlan
+
+    batch = ForwardBatch.from_sequences([[1], [2]], [0, 1], [3, 5])
+    return _BatchPlan.of(batch, absorbed_decode=True)
+
+
 def test_copy_prefix_reuses_a_cached_prompt(tiny_model: KimiK2ForCausalLM) -> None:
     m = tiny_model
     prefix, tail = [3, 14, 15, 92, 65, 35], [89, 79]

@@ -110,15 +110,33 @@ def fused_moe_int4_ref(
 # Cost model (in multiply-adds) for choosing between the padded bmm over every local expert and the loop
 # over the busy experts: a small-row matmul is bound by reading its weights, which costs about as much as
 # _WEIGHT_READ_ROWS rows of compute; each loop iteration adds dispatch overhead worth about
-# _EXPERT_OVERHEAD_MACS. Tiny experts (CPU presets) with many busy ones take the bmm, big ones the loop.
+# _EXPERT_OVERHEAD_MACS; the padded bmm runs its few-row products at about 1/_PADDED_BMM_SLOWDOWN of the
+# rate of one matmul per expert. Measured on the 2-core dev machine (fp32, `small` preset, batch-32 decode:
+# 15-28 busy experts of 32, widest 14-27 rows): the loop took 0.76-1.04 ms per layer, the bmm 1.3-1.9 ms.
+# Tiny experts (test presets) with many busy ones still take the bmm, bigger ones the loop.
 _WEIGHT_READ_ROWS = 6
-_EXPERT_OVERHEAD_MACS = 1_500_000
+_EXPERT_OVERHEAD_MACS = 1_200_000
+_PADDED_BMM_SLOWDOWN = 1.4
 
 
 def _padded_bmm_is_cheaper(num_experts: int, busy: int, widest: int, assignments: int, macs_per_row: int) -> bool:
-    bmm = num_experts * macs_per_row * max(widest, _WEIGHT_READ_ROWS)
+    bmm = _PADDED_BMM_SLOWDOWN * num_experts * macs_per_row * max(widest, _WEIGHT_READ_ROWS)
     loop = macs_per_row * max(assignments, busy * _WEIGHT_READ_ROWS) + busy * _EXPERT_OVERHEAD_MACS
     return bmm < loop
+
+
+def _per_expert_views(stacked: tuple[Tensor, Tensor, Tensor]) -> list[tuple[Tensor, ...]]:
+    """[(gate_e, up_e, down_e)] views of the stacked weights. Without autograd they are cached on the
+    gate tensor, keyed by storage and layout (views see in-place weight updates; the cache dies with the
+    tensor): slicing 3 x E views per layer per step costs more than a decode step's small matmuls on CPU."""
+    if torch.is_grad_enabled() and any(w.requires_grad for w in stacked):
+        return list(zip(*(w.unbind(0) for w in stacked)))
+    key = tuple((w.data_ptr(), w.dtype, tuple(w.shape), w.stride()) for w in stacked)
+    hit = getattr(stacked[0], "_expert_views", None)
+    if hit is None or hit[0] != key:
+        hit = (key, list(zip(*(w.detach().unbind(0) for w in stacked))))
+        stacked[0]._expert_views = hit  # type: ignore[attr-defined]
+    return hit[1]
 
 
 def _moe_grouped(
@@ -168,13 +186,24 @@ def _moe_grouped(
         # backward as one cat / stack.
         busy_ids = [e for e, c in enumerate(counts) if c]
         x_parts = torch.split(xs, [counts[e] for e in busy_ids])
-        per_expert = list(zip(*(w.unbind(0) for w in stacked))) if stacked is not None else None
+        per_expert = _per_expert_views(stacked) if stacked is not None else None
         parts = []
         for e, xe in zip(busy_ids, x_parts):
             wg, wu, wd = per_expert[e] if per_expert is not None else weights_of(e)
             parts.append(F.linear(F.silu(F.linear(xe, wg)) * F.linear(xe, wu), wd))
         y = parts[0] if len(parts) == 1 else torch.cat(parts, 0)
     return out.index_add(0, rows, y.float() * gate_w).to(x.dtype)
+
+
+def _joint_rows(lat: Tensor, kr: Tensor) -> Tensor | None:
+    """[S, m, R+P] view covering both when kr's rows sit right after lat's in one buffer, else None."""
+    r = lat.shape[-1]
+    if (lat.stride(-1) != 1 or kr.stride(-1) != 1 or lat.stride()[:-1] != kr.stride()[:-1]
+            or lat.shape[:-1] != kr.shape[:-1] or lat.dtype != kr.dtype
+            or kr.data_ptr() != lat.data_ptr() + r * lat.element_size()
+            or lat.untyped_storage().data_ptr() != kr.untyped_storage().data_ptr()):
+        return None
+    return lat.as_strided((*lat.shape[:-1], r + kr.shape[-1]), lat.stride())
 
 
 def mla_decode_ref(
@@ -200,7 +229,11 @@ def mla_decode_ref(
     else:
         lat, kr = latent[:, :longest].index_select(0, cache_slots), k_rope[:, :longest].index_select(0, cache_slots)
     lat, kr = lat.float(), kr.float()  # [S, m, R], [S, m, P]
-    scores = torch.baddbmm(torch.bmm(q_rope.float(), kr.transpose(1, 2)), q_latent.float(), lat.transpose(1, 2))
+    joint = _joint_rows(lat, kr)
+    if joint is not None:  # one matmul over [latent | k_rope] (the engine's cache stores them side by side)
+        scores = torch.bmm(torch.cat([q_latent, q_rope], dim=-1).float(), joint.transpose(1, 2))
+    else:
+        scores = torch.baddbmm(torch.bmm(q_rope.float(), kr.transpose(1, 2)), q_latent.float(), lat.transpose(1, 2))
     scores = scores * softmax_scale  # [S, Hh, m]
     past_end = torch.arange(longest, device=lat.device).unsqueeze(0) >= seq_lens.unsqueeze(1)  # [S, m]
     scores = scores.masked_fill(past_end.unsqueeze(1), float("-inf"))
