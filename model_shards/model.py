@@ -549,7 +549,7 @@ class _BatchPlan:
         if not absorbed_decode or decode is None:
             whole = prefill if decode is None else _PaddedGroup.of(batch, list(range(n_seqs)), cu, ctx)
         plan = cls(batch, token_slots, pos, whole, decode, prefill)
-        if absorbed_decode and fused_decode and prefill is None:
+        if absorbed_decode and fused_decode and prefill is None and pos.device.type == "cpu":  # (no GPU syncs)
             keys = max(ctx) + 1
             past_end = torch.arange(keys, device=pos.device) > batch.context_lens.unsqueeze(1)  # [S, keys]
             plan.decode_keys = keys

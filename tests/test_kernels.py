@@ -529,3 +529,37 @@ def test_fused_moe_int4_split_k_matches_reference(triton_path: None) -> None:
     torch.testing.assert_close(out, R.fused_moe_int4_ref(x, gp, gs, up, us, dp, ds, ids, tw), atol=1e-4, rtol=1e-4)
     with pytest.raises(ValueError, match="split_k must be >= 1"):
         fused_moe_triton(x, gp, up, dp, ids, tw, scales=(gs, us, ds), split_k=0)
+
+
+def test_model_decode_through_the_kernels_equals_the_torch_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The tiny model end to end with every kernel on the Triton path (interpreted): MLA decode reads the
+    engine's cache, whose latent and roped-key halves are strided views of one [latent | k_rope] buffer."""
+    from model_shards.config import ModelConfig
+    from model_shards.model import ForwardBatch, KimiK2ForCausalLM, LatentKVCache
+
+    torch.manual_seed(3)
+    model = KimiK2ForCausalLM(ModelConfig.preset("tiny"))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(4.0)  # logits far from uniform, so a wrong kernel shows
+
+    def run() -> torch.Tensor:
+        cache = LatentKVCache(model.cfg, num_slots=3, max_len=16)
+        out = [model(ForwardBatch.from_sequences([[5, 9, 2, 7], [3, 1]], [2, 0], [0, 0]), cache)]
+        ctx = [4, 2]
+        for step in range(3):
+            out.append(model(ForwardBatch.from_sequences([[11 + step], [40 + step]], [2, 0], ctx), cache))
+            ctx = [c + 1 for c in ctx]
+        return torch.stack(out)
+
+    want = run()
+    monkeypatch.setenv("SWARM_TRITON_INTERPRET", "1")
+    calls: list[str] = []
+    for name in ("mla_decode_triton", "rms_norm_triton", "fused_moe_triton"):
+        mod = {"mla_decode_triton": K._mla_decode_mod, "rms_norm_triton": K._rmsnorm_mod,
+               "fused_moe_triton": K._fused_moe_mod}[name]
+        real = getattr(mod, name)
+        monkeypatch.setattr(mod, name, lambda *a, _real=real, _name=name, **k: (calls.append(_name), _real(*a, **k))[1])
+    got = run()
+    assert {"mla_decode_triton", "rms_norm_triton", "fused_moe_triton"} <= set(calls)
+    torch.testing.assert_close(got, want, atol=2e-4, rtol=1e-4)
