@@ -10,6 +10,7 @@ import torch
 from model_shards import torch_thread
 from model_shards.engine import LLMEngine
 from model_shards.engine_api import GenerationRequest, SamplingParams
+from model_shards.model import ForwardBatch
 from model_shards.model_runner import LocalRunnerGroup, ModelRunner, RunnerSpec
 from model_shards.tokenizer import ByteTokenizer
 
@@ -68,8 +69,6 @@ def test_engine_builds_steps_and_samples_off_the_event_loop(monkeypatch) -> None
     # and the tokens are the model's greedy ones, as if run inline
     runner = ModelRunner.build(RunnerSpec(preset="tiny", num_slots=2, max_len=64))
     with torch.inference_mode():
-        from model_shards.model import ForwardBatch
-
         ctx, seq, want = 0, [5, 6, 7], []
         for _ in range(4):
             logits = runner.model(ForwardBatch.from_sequences([seq], [0], [ctx]), runner.cache)

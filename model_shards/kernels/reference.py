@@ -195,17 +195,6 @@ def _moe_grouped(
     return out.index_add(0, rows, y.float() * gate_w).to(x.dtype)
 
 
-def _joint_rows(lat: Tensor, kr: Tensor) -> Tensor | None:
-    """[S, m, R+P] view covering both when kr's rows sit right after lat's in one buffer, else None."""
-    r = lat.shape[-1]
-    if (lat.stride(-1) != 1 or kr.stride(-1) != 1 or lat.stride()[:-1] != kr.stride()[:-1]
-            or lat.shape[:-1] != kr.shape[:-1] or lat.dtype != kr.dtype
-            or kr.data_ptr() != lat.data_ptr() + r * lat.element_size()
-            or lat.untyped_storage().data_ptr() != kr.untyped_storage().data_ptr()):
-        return None
-    return lat.as_strided((*lat.shape[:-1], r + kr.shape[-1]), lat.stride())
-
-
 def mla_decode_ref(
     q_latent: Tensor,
     q_rope: Tensor,
@@ -229,11 +218,7 @@ def mla_decode_ref(
     else:
         lat, kr = latent[:, :longest].index_select(0, cache_slots), k_rope[:, :longest].index_select(0, cache_slots)
     lat, kr = lat.float(), kr.float()  # [S, m, R], [S, m, P]
-    joint = _joint_rows(lat, kr)
-    if joint is not None:  # one matmul over [latent | k_rope] (the engine's cache stores them side by side)
-        scores = torch.bmm(torch.cat([q_latent, q_rope], dim=-1).float(), joint.transpose(1, 2))
-    else:
-        scores = torch.baddbmm(torch.bmm(q_rope.float(), kr.transpose(1, 2)), q_latent.float(), lat.transpose(1, 2))
+    scores = torch.baddbmm(torch.bmm(q_rope.float(), kr.transpose(1, 2)), q_latent.float(), lat.transpose(1, 2))
     scores = scores * softmax_scale  # [S, Hh, m]
     past_end = torch.arange(longest, device=lat.device).unsqueeze(0) >= seq_lens.unsqueeze(1)  # [S, m]
     scores = scores.masked_fill(past_end.unsqueeze(1), float("-inf"))
