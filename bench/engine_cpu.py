@@ -8,6 +8,10 @@ processes that hold the model. Prints a markdown table.
     python bench/engine_cpu.py [--batches 1 8 32] [--prompt-len 64] [--new-tokens 64] [--tp 1 2]
 
 Every configuration runs in a fresh process so peak memory is its own.
+
+--int4: the engine serves the checkpoint quantized to K2's native INT4 experts (`swarm model quantize`),
+and transformers runs the same weights dequantized to fp32 (`swarm model dequantize`): it cannot run INT4
+on CPU.
 """
 
 from __future__ import annotations
@@ -41,6 +45,13 @@ def make_checkpoint(out_dir: str, seed: int) -> None:
 
     runner = ModelRunner.build(RunnerSpec(preset="small", seed=seed, num_slots=1, max_len=8))
     save_checkpoint(runner.model, runner.cfg, out_dir)
+
+
+def make_int4_checkpoints(full: str, int4: str, dequantized: str) -> None:
+    from model_shards.int4 import dequantize_checkpoint, quantize_checkpoint
+
+    quantize_checkpoint(full, int4)
+    dequantize_checkpoint(int4, dequantized, torch.float32)
 
 
 def run_hf(ckpt: str, batch: int, prompt_len: int, new_tokens: int, threads: int, repeat: int = 3,
@@ -170,14 +181,26 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--json", help="also write the results here")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                     help="weights and activations of both systems (the checkpoint is fp32; each casts it on load)")
+    ap.add_argument("--int4", action="store_true",
+                    help="engine on the INT4-quantized checkpoint, transformers on its dequantized fp32 copy")
     a = ap.parse_args(argv)
+    if a.int4 and a.dtype != "float32":
+        ap.error("--int4 runs the non-expert weights in float32; leave --dtype at float32")
 
     rows: list[dict[str, Any]] = []
     load_before = os.getloadavg()[0]  # the machine may be shared: report how busy it was
-    with tempfile.TemporaryDirectory() as ckpt:
-        in_fresh_process("make_checkpoint", ckpt, a.seed)
+    with tempfile.TemporaryDirectory() as root:
+        ckpt = hf_ckpt = os.path.join(root, "full")
+        setup = [("make_checkpoint", ckpt, a.seed)]
+        if a.int4:
+            ckpt, hf_ckpt = os.path.join(root, "int4"), os.path.join(root, "dequantized")
+            setup.append(("make_int4_checkpoints", os.path.join(root, "full"), ckpt, hf_ckpt))
+        for fn, *args in setup:
+            res = in_fresh_process(fn, *args)
+            if isinstance(res, dict) and "error" in res:
+                raise SystemExit(f"{fn} failed: {res['error']}")
         for b in a.batches:
-            hf = in_fresh_process("run_hf", ckpt, b, a.prompt_len, a.new_tokens, a.threads, a.repeat, a.dtype)
+            hf = in_fresh_process("run_hf", hf_ckpt, b, a.prompt_len, a.new_tokens, a.threads, a.repeat, a.dtype)
             rows.append({"system": "transformers generate", "tp": 1, "batch": b, **hf})
             for tp in a.tp:
                 r = in_fresh_process("run_engine", ckpt, b, a.prompt_len, a.new_tokens, tp, a.threads, a.repeat, a.dtype)
@@ -189,7 +212,8 @@ def main(argv: list[str] | None = None) -> None:
                 rows.append({"system": "model_shards engine", "tp": tp, "batch": b, **r})
             print(f"done batch {b}", file=sys.stderr, flush=True)
 
-    print(f"\nsmall preset, prompt {a.prompt_len} tokens, {a.new_tokens} new tokens, greedy, {a.dtype}, "
+    weights = "INT4 experts (transformers: dequantized to float32)" if a.int4 else a.dtype
+    print(f"\nsmall preset, prompt {a.prompt_len} tokens, {a.new_tokens} new tokens, greedy, {weights}, "
           f"{a.threads} threads, best of {a.repeat} runs, torch {torch.__version__}, {os.cpu_count()} CPUs, "
           f"1-min load average {load_before:.1f} before and {os.getloadavg()[0]:.1f} after\n")
     print("| system | TP | batch | TTFT (ms) | decode tok/s | decode × HF | peak RSS (MB) | greedy tokens equal to HF |")

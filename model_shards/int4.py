@@ -5,9 +5,14 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from model_shards.config import ModelConfig
 
 GROUP_SIZE = 32
 _EXPERT_WEIGHT_RE = re.compile(r"^model\.layers\.\d+\.mlp\.experts\.\d+\.(gate_proj|up_proj|down_proj)\.weight$")
@@ -60,13 +65,56 @@ def dequantize_int4(packed: torch.Tensor, scale: torch.Tensor, out_features: int
     return w if dtype is None else w.to(dtype)
 
 
-def quantize_checkpoint(src_dir: str | os.PathLike, dst_dir: str | os.PathLike,
-                        max_shard_bytes: int | None = None) -> None:
-    """Copies an HF checkpoint, replacing every routed-expert `.weight` with INT4 `.weight_packed`,
-    `.weight_scale` and `.weight_shape`; other tensors stay as they are. Streams one shard at a time."""
+def _copy_side_files(src: Path, dst: Path) -> None:
+    """Tokenizer, chat template, generation config...: everything but the config and the weights, so the
+    converted directory serves as the original did."""
+    import shutil
+
+    dst.mkdir(parents=True, exist_ok=True)
+    for f in src.iterdir():
+        if f.is_file() and f.name != "config.json" and not f.name.endswith(".safetensors") \
+                and f.name != "model.safetensors.index.json":
+            shutil.copy2(f, dst / f.name)
+
+
+ProgressFn = Callable[[int, int], None]  # (tensors done, tensors in all)
+Converter = Callable[[str, Callable[[str], "torch.Tensor | None"]], Iterator[tuple[str, torch.Tensor]]]
+
+
+def _rewrite_checkpoint(src: Path, dst: Path, cfg: "ModelConfig", convert: Converter,
+                        max_shard_bytes: int | None, progress: ProgressFn | None) -> None:
+    """Streams every tensor of `src` through convert(name, get) into a new checkpoint `dst` with config `cfg`;
+    `get(other)` reads another tensor of the checkpoint (from whichever shard holds it), None if absent."""
+    from contextlib import ExitStack
+
     from safetensors import safe_open
 
-    from model_shards.checkpoint import ShardWriter, list_checkpoint_files, read_config
+    from model_shards.checkpoint import ShardWriter, list_checkpoint_files
+
+    if dst.exists() and src.resolve() == dst.resolve():
+        raise ValueError(f"write the converted checkpoint to another directory than its source {src}")
+    with ExitStack() as stack:
+        handles = [stack.enter_context(safe_open(str(f), framework="pt")) for f in list_checkpoint_files(src)]
+        where = {name: h for h in handles for name in h.keys()}
+
+        def get(name: str) -> torch.Tensor | None:
+            return where[name].get_tensor(name) if name in where else None
+
+        _copy_side_files(src, dst)
+        writer = ShardWriter(dst, cfg, max_shard_bytes)
+        for done, name in enumerate(where, 1):
+            for out_name, tensor in convert(name, get):
+                writer.add(out_name, tensor)
+            if progress is not None:
+                progress(done, len(where))
+        writer.close()
+
+
+def quantize_checkpoint(src_dir: str | os.PathLike, dst_dir: str | os.PathLike,
+                        max_shard_bytes: int | None = None, progress: ProgressFn | None = None) -> None:
+    """Copies an HF checkpoint, replacing every routed-expert `.weight` with INT4 `.weight_packed`,
+    `.weight_scale` and `.weight_shape`; other tensors stay as they are. Streams one tensor at a time."""
+    from model_shards.checkpoint import read_config
     from model_shards.config import int4_quantization_config
 
     src, dst = Path(src_dir), Path(dst_dir)
@@ -74,17 +122,47 @@ def quantize_checkpoint(src_dir: str | os.PathLike, dst_dir: str | os.PathLike,
     if cfg.int4_experts:
         raise ValueError(f"{src} is already an INT4 checkpoint")
     cfg.quantization_config = int4_quantization_config(GROUP_SIZE)
-    writer = ShardWriter(dst, cfg, max_shard_bytes)
-    for file in list_checkpoint_files(src):
-        with safe_open(str(file), framework="pt") as f:
-            for name in f.keys():
-                tensor = f.get_tensor(name)
-                if is_routed_expert_weight(name):
-                    packed, scale = quantize_int4(tensor)
-                    base = name[: -len(".weight")]
-                    writer.add(base + ".weight_packed", packed)
-                    writer.add(base + ".weight_scale", scale)
-                    writer.add(base + ".weight_shape", torch.tensor(list(tensor.shape), dtype=torch.int32))
-                else:
-                    writer.add(name, tensor)
-    writer.close()
+
+    def convert(name: str, get: Callable[[str], torch.Tensor | None]) -> Iterator[tuple[str, torch.Tensor]]:
+        tensor = get(name)
+        assert tensor is not None
+        if not is_routed_expert_weight(name):
+            yield name, tensor
+            return
+        packed, scale = quantize_int4(tensor)
+        base = name[: -len(".weight")]
+        yield base + ".weight_packed", packed
+        yield base + ".weight_scale", scale
+        yield base + ".weight_shape", torch.tensor(list(tensor.shape), dtype=torch.int32)
+
+    _rewrite_checkpoint(src, dst, cfg, convert, max_shard_bytes, progress)
+
+
+def dequantize_checkpoint(src_dir: str | os.PathLike, dst_dir: str | os.PathLike, dtype: torch.dtype | None = None,
+                          max_shard_bytes: int | None = None, progress: ProgressFn | None = None) -> None:
+    """The inverse of quantize_checkpoint: every routed expert's `.weight_packed` / `.weight_scale` becomes a
+    full-precision `.weight` (in the scale's dtype unless `dtype`), so tools without INT4 support (e.g.
+    transformers on CPU) run the same weights. Streams one tensor at a time."""
+    from model_shards.checkpoint import read_config
+
+    src, dst = Path(src_dir), Path(dst_dir)
+    cfg = read_config(src)
+    if not cfg.int4_experts:
+        raise ValueError(f"{src} is not an INT4 checkpoint (its config.json has no INT4 quantization_config)")
+    cfg.quantization_config = None
+
+    def convert(name: str, get: Callable[[str], torch.Tensor | None]) -> Iterator[tuple[str, torch.Tensor]]:
+        if name.endswith((".weight_scale", ".weight_shape")):
+            return  # written with their weight_packed
+        tensor = get(name)
+        assert tensor is not None
+        if not name.endswith(".weight_packed"):
+            yield name, tensor
+            return
+        base = name[: -len(".weight_packed")]
+        scale = get(base + ".weight_scale")
+        if scale is None:
+            raise ValueError(f"{src}: {name} has no {base}.weight_scale")
+        yield base + ".weight", dequantize_int4(tensor, scale, tensor.shape[-2], tensor.shape[-1] * 8, dtype)
+
+    _rewrite_checkpoint(src, dst, cfg, convert, max_shard_bytes, progress)

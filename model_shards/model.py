@@ -628,6 +628,7 @@ class MoE(nn.Module):
         self.num_local_experts, self.inter_local = e, inter
         self.gate = Router(cfg, dtype, init)
         self.int4 = cfg.int4_experts
+        self.int4_exact = False  # see KimiK2ForCausalLM.int4_exact
         if self.int4:
             g = 32
             self.register_buffer("w_gate_packed", torch.zeros(e, inter, h // 8, dtype=torch.int32))
@@ -686,7 +687,8 @@ class MoE(nn.Module):
         if k is not None:
             if self.int4 and hasattr(k, "fused_moe_int4"):
                 return k.fused_moe_int4(x, self.w_gate_packed, self.w_gate_scale, self.w_up_packed, self.w_up_scale,
-                                        self.w_down_packed, self.w_down_scale, topk_ids, topk_weights)
+                                        self.w_down_packed, self.w_down_scale, topk_ids, topk_weights,
+                                        exact=self.int4_exact)
             if not self.int4:
                 return k.fused_moe(x, self.w_gate, self.w_up, self.w_down, topk_ids, topk_weights)
         w_gate, w_up, w_down = self.expert_weights()
@@ -765,6 +767,19 @@ class KimiK2ForCausalLM(nn.Module):
         # "auto": absorbed MLA for decode rows, through the fused CPU decode path where it applies;
         # "absorbed": absorbed MLA through the kernels only; "naive": always expand the latent (tests/debugging).
         self.attention_path = "auto"
+
+    @property
+    def int4_exact(self) -> bool:
+        """INT4 routed experts on CPU: False (default) runs ATen's packed int4 kernel, which reads the 4-bit
+        weights as they are but rounds the experts' activations to bf16; True dequantizes each busy expert
+        (results equal to the full-precision model with the dequantized weights, several times slower)."""
+        return any(getattr(m, "int4_exact", False) for m in self.modules() if isinstance(m, MoE))
+
+    @int4_exact.setter
+    def int4_exact(self, value: bool) -> None:
+        for m in self.modules():
+            if isinstance(m, MoE):
+                m.int4_exact = bool(value)
 
     # ---- forward ---------------------------------------------------------------------------------------
     def _embed(self, ids: torch.Tensor) -> torch.Tensor:

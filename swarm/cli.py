@@ -523,6 +523,55 @@ def model_serve(
     )
 
 
+def _convert_checkpoint(what: str, src: Path, dst: Path, run: Any) -> None:
+    """Runs a checkpoint conversion with a progress bar; bad input exits with the reason, nothing written over."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    if not (src / "config.json").is_file():
+        fail(f"{src} is not a checkpoint directory (no config.json in it)", EXIT_USAGE)
+    if dst.exists() and any(dst.iterdir()):
+        fail(f"{dst} exists and is not empty: give a new directory", EXIT_USAGE)
+    with Progress(TextColumn(f"{what} tensors"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=console, transient=True) as bar:
+        task = bar.add_task(what, total=None)
+        try:
+            run(lambda done, total: bar.update(task, completed=done, total=total))
+        except (ValueError, FileNotFoundError) as e:
+            fail(str(e), EXIT_USAGE)
+    console.print(f"wrote {dst}", highlight=False)
+
+
+@model_app.command("quantize")
+def model_quantize(
+    src: Path = typer.Argument(..., metavar="SRC", help="full-precision HF-layout checkpoint directory"),
+    dst: Path = typer.Argument(..., metavar="DST", help="new directory for the INT4 checkpoint"),
+) -> None:
+    """Write an INT4 copy of a checkpoint: routed experts in K2 Thinking's native format (symmetric, group 32,
+    compressed-tensors names), everything else unchanged; tokenizer files are copied."""
+    from model_shards.int4 import quantize_checkpoint
+
+    _convert_checkpoint("quantizing", src, dst, lambda progress: quantize_checkpoint(src, dst, progress=progress))
+
+
+@model_app.command("dequantize")
+def model_dequantize(
+    src: Path = typer.Argument(..., metavar="SRC", help="INT4 checkpoint directory"),
+    dst: Path = typer.Argument(..., metavar="DST", help="new directory for the full-precision checkpoint"),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="float32, bfloat16 or float16 (default: the scales' dtype)"),
+) -> None:
+    """Write a full-precision copy of an INT4 checkpoint (the same weights, for tools without INT4 support,
+    e.g. transformers' DeepseekV3ForCausalLM on CPU)."""
+    import torch
+
+    from model_shards.int4 import dequantize_checkpoint
+
+    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if dtype is not None and dtype not in dtypes:
+        fail(f"--dtype must be float32, bfloat16 or float16, got {dtype!r}", EXIT_USAGE)
+    _convert_checkpoint("dequantizing", src, dst, lambda progress: dequantize_checkpoint(
+        src, dst, dtypes[dtype] if dtype else None, progress=progress))
+
+
 def main() -> None:
     app()
 

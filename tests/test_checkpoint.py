@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -12,7 +13,7 @@ from transformers import DeepseekV3ForCausalLM
 
 from model_shards.checkpoint import list_checkpoint_files, load_checkpoint, save_checkpoint
 from model_shards.config import ModelConfig
-from model_shards.int4 import dequantize_int4, quantize_checkpoint, quantize_int4, unpack_int4
+from model_shards.int4 import dequantize_checkpoint, dequantize_int4, quantize_checkpoint, quantize_int4, unpack_int4
 from model_shards.model import KimiK2ForCausalLM
 
 VOCAB = 512
@@ -170,6 +171,7 @@ def test_quantize_checkpoint_loads_and_matches_dequantized_model(tmp_path, saved
         assert names[kept] == "F32"  # full precision outside the routed experts
 
     cfg4, q = load_checkpoint(dst)
+    q.int4_exact = True  # the dequantizing path: the same sums as the reference model
     assert cfg4.int4_experts and q.model.layers[1].mlp.w_gate_packed.dtype == torch.int32
     # Reference: the full-precision model with each routed expert replaced by its dequantized weight.
     deq = {}
@@ -194,6 +196,36 @@ def test_quantize_checkpoint_loads_and_matches_dequantized_model(tmp_path, saved
     assert torch.equal(q2.forward_logits(IDS), got)
     with pytest.raises(ValueError, match="already an INT4"):
         quantize_checkpoint(dst, tmp_path / "twice")
+
+
+def test_dequantize_checkpoint_gives_transformers_the_int4_weights(tmp_path, saved) -> None:
+    model, shared = saved
+    path = tmp_path / "src"
+    shutil.copytree(shared, path)
+    (path / "tiktoken.model").write_text("stands in for a tokenizer file\n")
+    q_dir, back_dir = tmp_path / "q", tmp_path / "back"
+    seen: list[tuple[int, int]] = []
+    quantize_checkpoint(path, q_dir, max_shard_bytes=30_000, progress=lambda d, n: seen.append((d, n)))
+    assert len(list_checkpoint_files(q_dir)) > 3  # packed tensors and their scales land in different shards
+    assert seen[-1][0] == seen[-1][1] and [d for d, _ in seen] == list(range(1, seen[-1][1] + 1))
+    assert (q_dir / "tiktoken.model").read_text() == (path / "tiktoken.model").read_text()
+    dequantize_checkpoint(q_dir, back_dir)
+    assert (back_dir / "tiktoken.model").is_file()
+    cfg_json = json.loads((back_dir / "config.json").read_text())
+    assert "quantization_config" not in cfg_json or cfg_json["quantization_config"] is None
+    _, q = load_checkpoint(q_dir)
+    q.int4_exact = True
+    want = q.forward_logits(IDS)
+    hf = DeepseekV3ForCausalLM.from_pretrained(back_dir, torch_dtype=torch.float32).eval()
+    with torch.no_grad():
+        got = hf(IDS).logits
+    assert (got - want).abs().max().item() <= 1e-4
+    assert (got - model.forward_logits(IDS)).abs().max().item() > 1e-3  # the INT4 weights, not the originals
+    with pytest.raises(ValueError, match="not an INT4 checkpoint"):
+        dequantize_checkpoint(back_dir, tmp_path / "again")
+    with pytest.raises(ValueError, match="another directory"):
+        quantize_checkpoint(back_dir, back_dir)
+    assert len(list_checkpoint_files(back_dir)) >= 1  # the refused conversion deleted nothing
 
 
 def test_full_precision_update_of_int4_model_is_quantized(tmp_path, saved) -> None:

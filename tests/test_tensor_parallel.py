@@ -22,6 +22,8 @@ VOCAB = 512
 IDS = torch.randint(0, VOCAB, (2, 13), generator=torch.Generator().manual_seed(4))
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [400, 3], [42] * 12]
 CASES = [("full", "ep"), ("full", "tp"), ("int4", "ep"), ("int4", "tp")]
+# INT4 through the packed CPU kernel (bf16 activations): not bit-comparable across layouts, checked apart.
+PACKED_CASES = [("int4", "ep"), ("int4", "tp")]
 
 
 def run_model(model: KimiK2ForCausalLM) -> dict[str, torch.Tensor]:
@@ -44,7 +46,11 @@ def _worker(rank: int, world: int, port: int, ckpts: dict[str, str], out_dir: st
         torch.set_num_threads(1)
         for kind, layout in CASES:
             _, model = load_checkpoint(ckpts[kind], tp_rank=rank, tp_size=world, expert_layout=layout)
+            model.int4_exact = True  # sharding must not change a single sum beyond reordering
             torch.save(run_model(model), os.path.join(out_dir, f"{kind}-{layout}-rank{rank}.pt"))
+        for kind, layout in PACKED_CASES:
+            _, model = load_checkpoint(ckpts[kind], tp_rank=rank, tp_size=world, expert_layout=layout)
+            torch.save(model.forward_logits(IDS), os.path.join(out_dir, f"packed-{layout}-rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
@@ -68,6 +74,7 @@ def test_tp2_matches_tp1_for_both_expert_layouts(checkpoints: dict[str, str], tm
     mp.spawn(_worker, args=(2, free_port(), checkpoints, str(tmp_path)), nprocs=2, join=True)
     for kind, layout in CASES:
         _, single = load_checkpoint(checkpoints[kind])
+        single.int4_exact = True
         ref = run_model(single)
         for rank in range(2):
             got = torch.load(tmp_path / f"{kind}-{layout}-rank{rank}.pt")
@@ -75,6 +82,17 @@ def test_tp2_matches_tp1_for_both_expert_layouts(checkpoints: dict[str, str], tm
                 assert got[key].shape == ref[key].shape, (kind, layout, key)
                 diff = (got[key] - ref[key]).abs().max().item()
                 assert diff <= 1e-5, f"{kind}/{layout}/{key} rank {rank}: max diff {diff}"
+    # The packed INT4 kernel on each rank's slices (whole experts, or halves of every expert) stays within
+    # bf16 rounding of the exact INT4 model (not within 1e-5: the packed path ran); a wrong slice or scale
+    # layout would be off by O(1).
+    _, single = load_checkpoint(checkpoints["int4"])
+    single.int4_exact = True
+    exact = single.forward_logits(IDS)
+    for layout in ("ep", "tp"):
+        for rank in range(2):
+            got = torch.load(tmp_path / f"packed-{layout}-rank{rank}.pt")
+            rel = ((got - exact).norm() / exact.norm()).item()
+            assert 1e-5 < rel < 0.02, f"packed INT4 {layout} rank {rank}: relative error {rel}"
 
 
 def test_indivisible_shapes_are_rejected() -> None:

@@ -13,7 +13,7 @@ import os
 import torch
 from torch import Tensor
 
-from model_shards.kernels import reference
+from model_shards.kernels import int4_cpu, reference
 from model_shards.kernels.reference import (
     _check_int4_dims,
     fused_moe_int4_ref,
@@ -135,8 +135,12 @@ def fused_moe_int4(
     topk_ids: Tensor,
     topk_weights: Tensor,
     group_size: int = 32,
+    exact: bool = False,
 ) -> Tensor:
-    """fused_moe with INT4 experts: *_packed [E, out, in/8] int32, *_scale [E, out, in/group_size]."""
+    """fused_moe with INT4 experts: *_packed [E, out, in/8] int32, *_scale [E, out, in/group_size].
+
+    On CPU it runs ATen's packed int4 kernel, which rounds activations and scales to bf16 (int4_cpu.py);
+    exact=True dequantizes instead (the torch reference: the same result as full-precision weights)."""
     _check_ids_weights(x, topk_ids, topk_weights)
     H = x.shape[1]
     _require(gate_packed.dim() == 3, f"gate_packed must be [E, I, H/8], got shape {tuple(gate_packed.shape)}")
@@ -157,6 +161,10 @@ def fused_moe_int4(
         return _fused_moe_mod.fused_moe_triton(
             x, gate_packed, up_packed, down_packed, topk_ids, topk_weights,
             scales=(gate_scale, up_scale, down_scale), group_size=group_size,
+        )
+    if not exact and int4_cpu.available(x, group_size):
+        return int4_cpu.fused_moe_int4_cpu(
+            x, gate_packed, gate_scale, up_packed, up_scale, down_packed, down_scale, topk_ids, topk_weights, group_size
         )
     return fused_moe_int4_ref(
         x, gate_packed, gate_scale, up_packed, up_scale, down_packed, down_scale, topk_ids, topk_weights, group_size

@@ -8,6 +8,7 @@ would not do either (INT4 dequantizes only the experts that received tokens).
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -45,6 +46,16 @@ def pack_int4(w: Tensor, group_size: int = 32) -> tuple[Tensor, Tensor]:
     return packed, scale.to(w.dtype)
 
 
+def int4_nibbles(packed: Tensor) -> Tensor:
+    """packed int32 [..., n/8] -> its stored nibbles (value + 8, 0..15) as uint8 [..., n]."""
+    if packed.dtype != torch.int32:
+        raise TypeError(f"int4 packed weights must be int32, got {packed.dtype}")
+    # Read as bytes (little-endian, as every platform torch runs on): byte j holds nibbles 2j (low four
+    # bits) and 2j+1 (high), so two byte ops unpack it; twice as fast as shifting the int32 words 8 ways.
+    b = packed.contiguous().view(torch.uint8)
+    return torch.stack([b & 0xF, b >> 4], dim=-1).reshape(*packed.shape[:-1], packed.shape[-1] * INT4_PACK)
+
+
 def unpack_int4(packed: Tensor, scale: Tensor, group_size: int = 32, dtype: torch.dtype | None = None) -> Tensor:
     """Dequantize (packed [out, in/8] int32, scale [out, in/group]) to w [out, in] as (nibble - 8) * scale."""
     out_f = packed.shape[0]
@@ -52,10 +63,8 @@ def unpack_int4(packed: Tensor, scale: Tensor, group_size: int = 32, dtype: torc
     _check_int4_dims(in_f, group_size)
     if scale.shape != (out_f, in_f // group_size):
         raise ValueError(f"int4 scale has shape {tuple(scale.shape)}, expected {(out_f, in_f // group_size)}")
-    shifts = torch.arange(INT4_PACK, dtype=torch.int32, device=packed.device) * 4
-    nib = (packed.unsqueeze(-1) >> shifts) & 0xF
-    vals = (nib - 8).reshape(out_f, in_f // group_size, group_size).float()
-    w = vals * scale.float().unsqueeze(-1)
+    nib = int4_nibbles(packed).reshape(out_f, in_f // group_size, group_size)
+    w = (nib.float() - 8.0) * scale.float().unsqueeze(-1)
     return w.reshape(out_f, in_f).to(dtype or scale.dtype)
 
 
@@ -139,6 +148,54 @@ def _per_expert_views(stacked: tuple[Tensor, Tensor, Tensor]) -> list[tuple[Tens
     return hit[1]
 
 
+@dataclass
+class ExpertGroups:
+    """The (token, expert) assignments of a routed batch, sorted by expert (stable: token order within one)."""
+
+    rows: Tensor  # [m] token row of each assignment
+    experts: Tensor  # [m] its (local) expert, non-decreasing
+    gate_w: Tensor  # [m, 1] its routing weight, fp32
+    counts_t: Tensor  # [E] assignments per expert
+    counts: list[int]  # the same, on the host
+
+    @property
+    def busy(self) -> list[int]:
+        return [e for e, c in enumerate(self.counts) if c]
+
+
+def group_by_expert(topk_ids: Tensor, topk_weights: Tensor, num_experts: int) -> ExpertGroups | None:
+    """Sorts the assignments by expert once; ids outside [0, num_experts) (other EP ranks) are dropped.
+    None when no assignment is local."""
+    n, k = topk_ids.shape
+    flat = topk_ids.reshape(-1).long()
+    assign = torch.arange(n * k, device=topk_ids.device)
+    valid = (flat >= 0) & (flat < num_experts)
+    if not bool(valid.all()):
+        assign = assign[valid]
+        flat = flat[valid]
+    if flat.numel() == 0:
+        return None
+    experts, order = torch.sort(flat, stable=True)
+    assign = assign[order]
+    counts_t = torch.bincount(experts, minlength=num_experts)
+    return ExpertGroups(
+        rows=torch.div(assign, k, rounding_mode="floor"),
+        experts=experts,
+        gate_w=topk_weights.reshape(-1)[assign].float().unsqueeze(-1),
+        counts_t=counts_t,
+        counts=counts_t.tolist(),
+    )
+
+
+def combine_experts(x: Tensor, groups: ExpertGroups | None, y: Tensor | None) -> Tensor:
+    """Σ over each token's assignments of routing weight × expert output y [m, H] (rows in `groups` order),
+    summed in fp32 -> [N, H] in x's dtype; zeros when nothing was local."""
+    out = torch.zeros(x.shape[0], x.shape[1], dtype=torch.float32, device=x.device)
+    if groups is None or y is None:
+        return out.to(x.dtype)
+    return out.index_add(0, groups.rows, y.float() * groups.gate_w).to(x.dtype)
+
+
 def _moe_grouped(
     x: Tensor,
     topk_ids: Tensor,
@@ -150,49 +207,35 @@ def _moe_grouped(
     """Sort the (token, expert) assignments by expert once, then either run every expert in one padded
     bmm (many experts busy: per-expert Python work would dominate on small matrices) or loop over the
     busy experts' contiguous segments (few busy: a bmm would read every expert's weights)."""
-    n, k = topk_ids.shape
-    out = torch.zeros(n, x.shape[1], dtype=torch.float32, device=x.device)
-    flat = topk_ids.reshape(-1).long()
-    assign = torch.arange(n * k, device=x.device)
-    valid = (flat >= 0) & (flat < num_experts)
-    if not bool(valid.all()):
-        assign = assign[valid]
-        flat = flat[valid]
-    if flat.numel() == 0:
-        return out.to(x.dtype)
-    experts, order = torch.sort(flat, stable=True)
-    assign = assign[order]
-    rows = torch.div(assign, k, rounding_mode="floor")
-    gate_w = topk_weights.reshape(-1)[assign].float().unsqueeze(-1)
-    counts_t = torch.bincount(experts, minlength=num_experts)
-    counts = counts_t.tolist()
-    busy = sum(1 for c in counts if c)
-    widest = max(counts)
-    m = experts.numel()
-    xs = x[rows]
+    g = group_by_expert(topk_ids, topk_weights, num_experts)
+    if g is None:
+        return combine_experts(x, None, None)
+    busy_ids = g.busy
+    widest = max(g.counts)
+    m = g.experts.numel()
+    xs = x[g.rows]
     if stacked is not None and _padded_bmm_is_cheaper(
-        num_experts, busy, widest, m, 3 * stacked[0].shape[1] * stacked[0].shape[2]
+        num_experts, len(busy_ids), widest, m, 3 * stacked[0].shape[1] * stacked[0].shape[2]
     ):
         w_gate, w_up, w_down = stacked
-        starts = torch.cumsum(counts_t, 0) - counts_t
-        slot = torch.arange(m, device=x.device) - starts[experts]
+        starts = torch.cumsum(g.counts_t, 0) - g.counts_t
+        slot = torch.arange(m, device=x.device) - starts[g.experts]
         padded = x.new_zeros(num_experts, widest, x.shape[1])
-        padded = padded.index_put((experts, slot), xs)
+        padded = padded.index_put((g.experts, slot), xs)
         h = F.silu(torch.bmm(padded, w_gate.transpose(1, 2))) * torch.bmm(padded, w_up.transpose(1, 2))
-        y = torch.bmm(h, w_down.transpose(1, 2))[experts, slot]
+        y = torch.bmm(h, w_down.transpose(1, 2))[g.experts, slot]
     else:
         # split / unbind instead of per-expert slices and indexing: under autograd each slice's
         # backward would zero-fill a gradient the size of the whole tensor (E fills per layer); these
         # backward as one cat / stack.
-        busy_ids = [e for e, c in enumerate(counts) if c]
-        x_parts = torch.split(xs, [counts[e] for e in busy_ids])
+        x_parts = torch.split(xs, [g.counts[e] for e in busy_ids])
         per_expert = _per_expert_views(stacked) if stacked is not None else None
         parts = []
         for e, xe in zip(busy_ids, x_parts):
             wg, wu, wd = per_expert[e] if per_expert is not None else weights_of(e)
             parts.append(F.linear(F.silu(F.linear(xe, wg)) * F.linear(xe, wu), wd))
         y = parts[0] if len(parts) == 1 else torch.cat(parts, 0)
-    return out.index_add(0, rows, y.float() * gate_w).to(x.dtype)
+    return combine_experts(x, g, y)
 
 
 def mla_decode_ref(
