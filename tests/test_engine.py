@@ -458,3 +458,41 @@ async def test_tp2_torch_distributed_without_ray_matches_tp1(runners) -> None:
     ref = make_engine(LocalRunnerGroup(fresh))
     assert (await ref.complete(GenerationRequest("r", PROMPTS[0], greedy(10)))).token_ids == got[-1]
     await ref.close()
+
+
+async def test_int4_checkpoint_batches_and_hot_updates_through_the_packed_kernel(tmp_path, monkeypatch) -> None:
+    """An INT4 checkpoint served on CPU (packed int4 kernel): batching does not change a request's tokens,
+    and a hot update of one expert reaches the kernel's packed copy."""
+    from model_shards.checkpoint import save_checkpoint
+    from model_shards.int4 import quantize_checkpoint
+    from model_shards.kernels import int4_cpu
+
+    def _refuse(*args, **kwargs):
+        raise AssertionError("the INT4 experts fell back to the dequantizing reference")
+
+    monkeypatch.setattr(int4_cpu, "fused_moe_int4_ref", _refuse)
+    full = ModelRunner.build(SPEC)
+    save_checkpoint(full.model, full.cfg, tmp_path / "full")
+    quantize_checkpoint(tmp_path / "full", tmp_path / "int4")
+    spec = RunnerSpec(checkpoint=str(tmp_path / "int4"), num_slots=8, max_len=192)
+    group = LocalRunnerGroup.build(spec)
+    assert group.cfg.int4_experts
+    eng = make_engine(group, prefix_reuse=False)
+    solo = [(await eng.complete(GenerationRequest(f"s{i}", p, greedy()))).token_ids for i, p in enumerate(PROMPTS)]
+    batched = await asyncio.gather(*(eng.complete(GenerationRequest(f"b{i}", p, greedy())) for i, p in enumerate(PROMPTS)))
+    assert [r.token_ids for r in batched] == solo
+    # a full-precision expert weight, quantized into the running model's INT4 buffers in place
+    gen = torch.Generator().manual_seed(2)
+    names = [f"model.layers.{layer}.mlp.experts.{e}.down_proj.weight"
+             for layer in range(group.cfg.first_k_dense_replace, group.cfg.num_hidden_layers)
+             for e in range(group.cfg.n_routed_experts)]
+    new = {n: 8 * torch.randn(group.cfg.hidden_size, group.cfg.moe_intermediate_size, generator=gen) for n in names}
+    await eng.update_weights(new)
+    after = (await eng.complete(GenerationRequest("u", PROMPTS[0], greedy()))).token_ids
+    assert after != solo[0]
+    fresh = ModelRunner.build(spec)
+    fresh.update_weights(new)
+    ref = make_engine(LocalRunnerGroup(fresh), prefix_reuse=False)
+    assert (await ref.complete(GenerationRequest("r", PROMPTS[0], greedy()))).token_ids == after
+    await eng.close()
+    await ref.close()
