@@ -96,7 +96,7 @@ def run_hf(ckpt: str, batch: int, prompt_len: int, new_tokens: int, threads: int
 
 def run_engine(
     ckpt: str, batch: int, prompt_len: int, new_tokens: int, tp: int, threads: int, repeat: int = 3,
-    dtype: str = "float32",
+    dtype: str = "float32", int4_exact: bool = False,
 ) -> dict[str, Any]:
     from model_shards.engine import LLMEngine
     from model_shards.engine_api import GenerationRequest, SamplingParams
@@ -108,6 +108,7 @@ def run_engine(
     if tp == 1:
         torch.set_num_threads(threads)
         group: Any = LocalRunnerGroup.build(spec)
+        group.runner.model.int4_exact = int4_exact
     else:
         import ray
 
@@ -183,7 +184,13 @@ def main(argv: list[str] | None = None) -> None:
                     help="weights and activations of both systems (the checkpoint is fp32; each casts it on load)")
     ap.add_argument("--int4", action="store_true",
                     help="engine on the INT4-quantized checkpoint, transformers on its dequantized fp32 copy")
+    ap.add_argument("--int4-exact", action="store_true",
+                    help="with --int4: the engine's dequantizing INT4 path instead of the packed kernel (TP=1)")
     a = ap.parse_args(argv)
+    if a.int4_exact and not a.int4:
+        ap.error("--int4-exact needs --int4")
+    if a.int4_exact and a.tp != [1]:
+        ap.error("--int4-exact is set on the in-process model: use --tp 1")
     if a.int4 and a.dtype != "float32":
         ap.error("--int4 runs the non-expert weights in float32; leave --dtype at float32")
 
@@ -203,7 +210,8 @@ def main(argv: list[str] | None = None) -> None:
             hf = in_fresh_process("run_hf", hf_ckpt, b, a.prompt_len, a.new_tokens, a.threads, a.repeat, a.dtype)
             rows.append({"system": "transformers generate", "tp": 1, "batch": b, **hf})
             for tp in a.tp:
-                r = in_fresh_process("run_engine", ckpt, b, a.prompt_len, a.new_tokens, tp, a.threads, a.repeat, a.dtype)
+                r = in_fresh_process("run_engine", ckpt, b, a.prompt_len, a.new_tokens, tp, a.threads, a.repeat, a.dtype,
+                                     a.int4_exact)
                 if "tokens" in r and "tokens" in hf:
                     same = sum(x == y for x, y in zip(r["tokens"], hf["tokens"]))
                     r["same_as_hf"] = f"{same}/{b}"
@@ -212,7 +220,10 @@ def main(argv: list[str] | None = None) -> None:
                 rows.append({"system": "model_shards engine", "tp": tp, "batch": b, **r})
             print(f"done batch {b}", file=sys.stderr, flush=True)
 
-    weights = "INT4 experts (transformers: dequantized to float32)" if a.int4 else a.dtype
+    weights = a.dtype
+    if a.int4:
+        path = "dequantizing path" if a.int4_exact else "packed kernel"
+        weights = f"INT4 experts ({path}; transformers: dequantized to float32)"
     print(f"\nsmall preset, prompt {a.prompt_len} tokens, {a.new_tokens} new tokens, greedy, {weights}, "
           f"{a.threads} threads, best of {a.repeat} runs, torch {torch.__version__}, {os.cpu_count()} CPUs, "
           f"1-min load average {load_before:.1f} before and {os.getloadavg()[0]:.1f} after\n")
