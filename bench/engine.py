@@ -1,12 +1,19 @@
-"""CPU benchmark of the model_shards engine against transformers' DeepseekV3ForCausalLM.generate.
+"""Benchmark of the model_shards engine against transformers' DeepseekV3ForCausalLM.generate.
 
-Same weights (the `small` preset, random-initialised, saved as an HF checkpoint and read by both),
-greedy decoding, fixed lengths. Per configuration: time to first token (TTFT, mean over the batch),
-decode throughput (tokens/s after every request has its first token) and peak resident memory of the
-processes that hold the model. Prints a markdown table.
+Same weights (a preset, random-initialised, saved as an HF checkpoint and read by both), greedy
+decoding, fixed lengths. Per configuration: time to first token (TTFT, mean over the batch), decode
+throughput (tokens/s after every request has its first token), peak memory (resident memory of the
+processes that hold the model on CPU; allocated GPU memory on CUDA) and how many greedy sequences
+equal transformers'. Prints a markdown table.
 
-    python bench/engine_cpu.py [--batches 1 8 32] [--prompt-len 64] [--new-tokens 64] [--tp 1 2]
+    python bench/engine.py [--batches 1 8 32] [--prompt-len 64] [--new-tokens 64] [--tp 1 2]
 
+On a GPU (no Ray needed: TP=1 in-process; the engine takes the Triton kernels by itself):
+
+    python bench/engine.py --device cuda --dtype bfloat16 --tp 1 --batches 1 8 32 64
+    python bench/engine.py --device cuda --dtype bfloat16 --tp 1 --preset kimi-k2 --layers 3 --experts 64
+
+--layers / --experts shrink a preset (e.g. Kimi-K2's real widths with fewer layers and experts).
 Every configuration runs in a fresh process so peak memory is its own.
 
 --int4: the engine serves the checkpoint quantized to K2's native INT4 experts (`swarm model quantize`),
@@ -39,12 +46,34 @@ def _prompts(batch: int, prompt_len: int, vocab: int) -> list[list[int]]:
     return torch.randint(3, vocab - 1, (batch, prompt_len), generator=g).tolist()
 
 
-def make_checkpoint(out_dir: str, seed: int) -> None:
+def make_checkpoint(out_dir: str, seed: int, preset: str = "small", layers: int | None = None,
+                    experts: int | None = None, dtype: str = "float32", device: str = "cpu") -> None:
     from model_shards.checkpoint import save_checkpoint
-    from model_shards.model_runner import ModelRunner, RunnerSpec
+    from model_shards.config import ModelConfig
+    from model_shards.model import KimiK2ForCausalLM
 
-    runner = ModelRunner.build(RunnerSpec(preset="small", seed=seed, num_slots=1, max_len=8))
-    save_checkpoint(runner.model, runner.cfg, out_dir)
+    cfg = ModelConfig.preset(preset)
+    if layers is not None:
+        cfg.num_hidden_layers = layers
+    if experts is not None:
+        cfg.n_routed_experts = experts
+        cfg.num_experts_per_tok = min(cfg.num_experts_per_tok, experts)
+    cfg.torch_dtype = dtype
+    torch.manual_seed(seed)
+    with torch.device(device):  # initialising Kimi-K2-wide layers is much faster on a GPU
+        model = KimiK2ForCausalLM(cfg, dtype=getattr(torch, dtype))
+    save_checkpoint(model, cfg, out_dir)
+
+
+def _peak_mb(device: str) -> float:
+    if device == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**20
+    return _peak_rss_mb()
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
 
 
 def make_int4_checkpoints(full: str, int4: str, dequantized: str) -> None:
@@ -55,12 +84,12 @@ def make_int4_checkpoints(full: str, int4: str, dequantized: str) -> None:
 
 
 def run_hf(ckpt: str, batch: int, prompt_len: int, new_tokens: int, threads: int, repeat: int = 3,
-           dtype: str = "float32") -> dict[str, Any]:
+           dtype: str = "float32", device: str = "cpu") -> dict[str, Any]:
     from transformers import DeepseekV3ForCausalLM
 
     torch.set_num_threads(threads)
-    model = DeepseekV3ForCausalLM.from_pretrained(ckpt, torch_dtype=getattr(torch, dtype)).eval()
-    ids = torch.tensor(_prompts(batch, prompt_len, model.config.vocab_size))
+    model = DeepseekV3ForCausalLM.from_pretrained(ckpt, torch_dtype=getattr(torch, dtype)).to(device).eval()
+    ids = torch.tensor(_prompts(batch, prompt_len, model.config.vocab_size), device=device)
     kw = dict(do_sample=False, eos_token_id=None, pad_token_id=0)
     from transformers.generation.streamers import BaseStreamer
 
@@ -71,6 +100,7 @@ def run_hf(ckpt: str, batch: int, prompt_len: int, new_tokens: int, threads: int
             self.puts: list[float] = []
 
         def put(self, value: torch.Tensor) -> None:
+            _sync(device)
             self.puts.append(time.perf_counter())
 
         def end(self) -> None:
@@ -83,27 +113,29 @@ def run_hf(ckpt: str, batch: int, prompt_len: int, new_tokens: int, threads: int
             clock = Clock()
             t0 = time.perf_counter()
             out = model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, streamer=clock, **kw)
+            _sync(device)
             t_end = time.perf_counter()
             first = clock.puts[1]
             runs.append((first - t0, batch * (new_tokens - 1) / max(t_end - first, 1e-9)))
     return {
         "ttft_s": min(r[0] for r in runs),
         "decode_tps": max(r[1] for r in runs),
-        "peak_mb": _peak_rss_mb(),
+        "peak_mb": _peak_mb(device),
         "tokens": out[:, prompt_len:].tolist(),
     }
 
 
 def run_engine(
     ckpt: str, batch: int, prompt_len: int, new_tokens: int, tp: int, threads: int, repeat: int = 3,
-    dtype: str = "float32", int4_exact: bool = False,
+    dtype: str = "float32", int4_exact: bool = False, device: str = "cpu",
 ) -> dict[str, Any]:
     from model_shards.engine import LLMEngine
     from model_shards.engine_api import GenerationRequest, SamplingParams
     from model_shards.model_runner import LocalRunnerGroup, RunnerSpec
     from model_shards.tokenizer import ByteTokenizer
 
-    spec = RunnerSpec(checkpoint=ckpt, num_slots=max(batch, 1), max_len=prompt_len + new_tokens + 8, dtype=dtype)
+    spec = RunnerSpec(checkpoint=ckpt, num_slots=max(batch, 1), max_len=prompt_len + new_tokens + 8, dtype=dtype,
+                      device=device)
     shard_peaks: list[float] = []
     if tp == 1:
         torch.set_num_threads(threads)
@@ -149,7 +181,11 @@ def run_engine(
         return {"ttft_s": min(r[0] for r in runs), "decode_tps": max(r[1] for r in runs), "tokens": runs[0][2]}
 
     out = asyncio.run(go())
-    out["peak_mb"] = _peak_rss_mb() + sum(shard_peaks)  # driver plus every shard process
+    out["peak_mb"] = _peak_mb(device) + sum(shard_peaks)  # driver plus every shard process
+    if device != "cpu":
+        from model_shards.kernels import triton_enabled
+
+        out["kernels"] = "triton" if triton_enabled(torch.empty(1, device=device)) else "torch"
     return out
 
 
@@ -181,7 +217,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--repeat", type=int, default=3, help="timed runs per configuration; the best is reported")
     ap.add_argument("--json", help="also write the results here")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
-                    help="weights and activations of both systems (the checkpoint is fp32; each casts it on load)")
+                    help="the checkpoint's weights, and the activations of both systems")
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--preset", default="small", choices=["tiny", "small", "kimi-k2"])
+    ap.add_argument("--layers", type=int, help="num_hidden_layers instead of the preset's")
+    ap.add_argument("--experts", type=int, help="n_routed_experts instead of the preset's")
     ap.add_argument("--int4", action="store_true",
                     help="engine on the INT4-quantized checkpoint, transformers on its dequantized fp32 copy")
     ap.add_argument("--int4-exact", action="store_true",
@@ -193,12 +233,22 @@ def main(argv: list[str] | None = None) -> None:
         ap.error("--int4-exact is set on the in-process model: use --tp 1")
     if a.int4 and a.dtype != "float32":
         ap.error("--int4 runs the non-expert weights in float32; leave --dtype at float32")
+    if a.device == "cuda":
+        if not torch.cuda.is_available():
+            ap.error("--device cuda: torch sees no GPU here")
+        if a.tp != [1]:
+            ap.error("--device cuda runs TP=1 in-process: use --tp 1")
+        if a.int4:
+            ap.error("--int4 compares against transformers on CPU: leave --device at cpu")
+    for name in ("layers", "experts"):
+        if getattr(a, name) is not None and getattr(a, name) < 1:
+            ap.error(f"--{name} must be at least 1")
 
     rows: list[dict[str, Any]] = []
     load_before = os.getloadavg()[0]  # the machine may be shared: report how busy it was
     with tempfile.TemporaryDirectory() as root:
         ckpt = hf_ckpt = os.path.join(root, "full")
-        setup = [("make_checkpoint", ckpt, a.seed)]
+        setup = [("make_checkpoint", ckpt, a.seed, a.preset, a.layers, a.experts, a.dtype, a.device)]
         if a.int4:
             ckpt, hf_ckpt = os.path.join(root, "int4"), os.path.join(root, "dequantized")
             setup.append(("make_int4_checkpoints", os.path.join(root, "full"), ckpt, hf_ckpt))
@@ -207,11 +257,12 @@ def main(argv: list[str] | None = None) -> None:
             if isinstance(res, dict) and "error" in res:
                 raise SystemExit(f"{fn} failed: {res['error']}")
         for b in a.batches:
-            hf = in_fresh_process("run_hf", hf_ckpt, b, a.prompt_len, a.new_tokens, a.threads, a.repeat, a.dtype)
+            hf = in_fresh_process("run_hf", hf_ckpt, b, a.prompt_len, a.new_tokens, a.threads, a.repeat, a.dtype,
+                                  a.device)
             rows.append({"system": "transformers generate", "tp": 1, "batch": b, **hf})
             for tp in a.tp:
                 r = in_fresh_process("run_engine", ckpt, b, a.prompt_len, a.new_tokens, tp, a.threads, a.repeat, a.dtype,
-                                     a.int4_exact)
+                                     a.int4_exact, a.device)
                 if "tokens" in r and "tokens" in hf:
                     same = sum(x == y for x, y in zip(r["tokens"], hf["tokens"]))
                     r["same_as_hf"] = f"{same}/{b}"
@@ -224,10 +275,15 @@ def main(argv: list[str] | None = None) -> None:
     if a.int4:
         path = "dequantizing path" if a.int4_exact else "packed kernel"
         weights = f"INT4 experts ({path}; transformers: dequantized to float32)"
-    print(f"\nsmall preset, prompt {a.prompt_len} tokens, {a.new_tokens} new tokens, greedy, {weights}, "
-          f"{a.threads} threads, best of {a.repeat} runs, torch {torch.__version__}, {os.cpu_count()} CPUs, "
-          f"1-min load average {load_before:.1f} before and {os.getloadavg()[0]:.1f} after\n")
-    print("| system | TP | batch | TTFT (ms) | decode tok/s | decode × HF | peak RSS (MB) | greedy tokens equal to HF |")
+    shape = a.preset + "".join(f", {getattr(a, n)} {n}" for n in ("layers", "experts") if getattr(a, n) is not None)
+    where = (f"{torch.cuda.get_device_name()}" if a.device == "cuda"
+             else f"{a.threads} threads, {os.cpu_count()} CPUs")
+    kernels = {r["kernels"] for r in rows if "kernels" in r}
+    print(f"\n{shape} preset, prompt {a.prompt_len} tokens, {a.new_tokens} new tokens, greedy, {weights}, "
+          f"{where}{', engine kernels: ' + '/'.join(sorted(kernels)) if kernels else ''}, best of {a.repeat} runs, "
+          f"torch {torch.__version__}, 1-min load average {load_before:.1f} before and {os.getloadavg()[0]:.1f} after\n")
+    memory = "peak GPU memory allocated (MB)" if a.device == "cuda" else "peak RSS (MB)"
+    print(f"| system | TP | batch | TTFT (ms) | decode tok/s | decode × HF | {memory} | greedy tokens equal to HF |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         if "error" in r:
