@@ -61,9 +61,23 @@ def test_int4_round_trip_error_bound_and_shapes() -> None:
     packed, scale = quantize_int4(w)
     assert packed.shape == (48, 12) and scale.shape == (48, 3)
     back = dequantize_int4(packed, scale, 48, 96)
-    bound = scale.repeat_interleave(32, dim=1) / 2 + 1e-6  # round-to-nearest: at most half a step
-    assert torch.all((back - w).abs() <= bound)
-    assert (back - w).abs().max() > 0  # it really is lossy, the bound is what is being checked
+    groups = w.reshape(48, 3, 32)
+    amax = groups.abs().amax(-1)
+    # each group's scale is one of the clipping candidates, never above absmax / 7
+    ratio = scale * 7 / amax
+    assert torch.all(ratio <= 1 + 1e-6) and torch.all(ratio >= 0.8 - 1e-6)
+    # values inside the clipped range round to the nearest step: at most half a step off
+    steps = scale.repeat_interleave(32, dim=1)
+    inside = w.abs() <= 7 * steps
+    assert torch.all((back - w).abs()[inside] <= steps[inside] / 2 + 1e-6)
+    # and per group the squared error is no worse than plain absmax / 7 scaling (which is one candidate)
+    plain = amax / 7
+    plain_back = (torch.clamp(torch.round(groups / plain.unsqueeze(-1)), -8, 7) * plain.unsqueeze(-1)).reshape(48, 96)
+    err = (back - w).pow(2).reshape(48, 3, 32).sum(-1)
+    plain_err = (plain_back - w).pow(2).reshape(48, 3, 32).sum(-1)
+    assert torch.all(err <= plain_err + 1e-6)
+    assert err.sum() < 0.95 * plain_err.sum()  # clipping pays on Gaussian groups
+    assert (back - w).abs().max() > 0  # it really is lossy
     # stacked experts [E, out, in] quantize the same as one at a time
     stacked = torch.stack([w, 2 * w])
     sp, ss = quantize_int4(stacked)
