@@ -140,7 +140,7 @@ def fused_moe_int4(
     """fused_moe with INT4 experts: *_packed [E, out, in/8] int32, *_scale [E, out, in/group_size].
 
     On CPU it runs ATen's packed int4 kernel, which rounds activations and scales to bf16 (int4_cpu.py);
-    exact=True dequantizes instead (the torch reference: the same result as full-precision weights)."""
+    exact=True dequantizes instead (the torch reference: the same sums as the dequantized weights in fp32)."""
     _check_ids_weights(x, topk_ids, topk_weights)
     H = x.shape[1]
     _require(gate_packed.dim() == 3, f"gate_packed must be [E, I, H/8], got shape {tuple(gate_packed.shape)}")
