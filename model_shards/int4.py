@@ -17,7 +17,7 @@ if TYPE_CHECKING:
 GROUP_SIZE = 32
 _EXPERT_WEIGHT_RE = re.compile(r"^model\.layers\.\d+\.mlp\.experts\.\d+\.(gate_proj|up_proj|down_proj)\.weight$")
 _SHIFTS = torch.arange(0, 32, 4, dtype=torch.int32)
-_CLIP_RATIOS = (1.0, 0.975, 0.95, 0.925, 0.9, 0.875, 0.85, 0.825, 0.8)  # absmax first: ties keep it
+_CLIP_RATIOS = (1.0, 0.95, 0.9, 0.85, 0.8)  # absmax first, so ties keep it
 
 
 def is_routed_expert_weight(name: str) -> bool:
@@ -35,25 +35,24 @@ def quantize_int4(w: torch.Tensor, group_size: int = GROUP_SIZE) -> tuple[torch.
         raise ValueError(f"quantize_int4: in_features {in_features} must be a multiple of group_size {group_size} (itself a multiple of 8)")
     groups = w.float().reshape(*w.shape[:-1], in_features // group_size, group_size)
     amax = groups.abs().amax(dim=-1)
-    scale = q = best_err = None
+    scale = best_err = None
     # Each group takes the clipping ratio (scale = ratio * absmax / 7) with the least squared error: clipping
     # the few largest values buys finer steps for the rest (ratio 7/8 maps a negative absmax onto -8). On
-    # the trained policy's experts this cuts the relative weight error 0.097 -> 0.086 against absmax alone.
+    # the trained policy's experts this cuts the relative weight error 0.097 -> 0.087 against absmax alone.
     for ratio in _CLIP_RATIOS:
         # Scale rounded to the stored dtype first, so dequantize reproduces exactly what we quantized against.
         s = (amax * ratio / 7.0).to(w.dtype)
         safe = torch.where(s == 0, torch.ones_like(s), s).float().unsqueeze(-1)
-        v = torch.clamp(torch.round(groups / safe), -8, 7)
-        err = (v * safe - groups).pow(2).sum(dim=-1)
-        if best_err is None:
-            scale, q, best_err = s, v, err
-            continue
-        better = err < best_err
-        scale = torch.where(better, s, scale)
-        q = torch.where(better.unsqueeze(-1), v, q)
-        best_err = torch.where(better, err, best_err)
-    assert scale is not None and q is not None
-    q = q.to(torch.int64) + 8
+        err = (torch.clamp(torch.round(groups / safe), -8, 7).mul_(safe).sub_(groups)).square_().sum(dim=-1)
+        if best_err is None or scale is None:
+            scale, best_err = s, err
+        else:
+            better = err < best_err
+            scale = torch.where(better, s, scale)
+            best_err = torch.where(better, err, best_err)
+    assert scale is not None
+    safe = torch.where(scale == 0, torch.ones_like(scale), scale).float().unsqueeze(-1)
+    q = torch.clamp(torch.round(groups / safe), -8, 7).to(torch.int64) + 8
     q = q.reshape(*w.shape[:-1], in_features // 8, 8)
     packed = (q << _SHIFTS.to(device=q.device, dtype=torch.int64)).sum(dim=-1)
     packed = torch.where(packed >= 2**31, packed - 2**32, packed).to(torch.int32)  # two's complement wrap
