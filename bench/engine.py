@@ -135,12 +135,11 @@ def run_engine(
     from model_shards.tokenizer import ByteTokenizer
 
     spec = RunnerSpec(checkpoint=ckpt, num_slots=max(batch, 1), max_len=prompt_len + new_tokens + 8, dtype=dtype,
-                      device=device)
+                      device=device, int4_exact=int4_exact)
     shard_peaks: list[float] = []
     if tp == 1:
         torch.set_num_threads(threads)
         group: Any = LocalRunnerGroup.build(spec)
-        group.runner.model.int4_exact = int4_exact
     else:
         import ray
 
@@ -225,12 +224,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--int4", action="store_true",
                     help="engine on the INT4-quantized checkpoint, transformers on its dequantized fp32 copy")
     ap.add_argument("--int4-exact", action="store_true",
-                    help="with --int4: the engine's dequantizing INT4 path instead of the packed kernel (TP=1)")
+                    help="with --int4: the engine's dequantizing INT4 path instead of the packed kernel")
     a = ap.parse_args(argv)
     if a.int4_exact and not a.int4:
         ap.error("--int4-exact needs --int4")
-    if a.int4_exact and a.tp != [1]:
-        ap.error("--int4-exact is set on the in-process model: use --tp 1")
     if a.int4 and a.dtype != "float32":
         ap.error("--int4 runs the non-expert weights in float32; leave --dtype at float32")
     if a.device == "cuda":

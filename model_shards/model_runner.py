@@ -36,6 +36,8 @@ class RunnerSpec:
     max_len: int = 2048
     expert_layout: str = "ep"
     device: str = "cpu"
+    # INT4 checkpoints on CPU: dequantize the experts (exact) instead of ATen's packed kernel (bf16 activations)
+    int4_exact: bool = False
 
     def __post_init__(self) -> None:
         if (self.preset is None) == (self.checkpoint is None):
@@ -44,6 +46,8 @@ class RunnerSpec:
             raise ValueError(f"RunnerSpec.dtype must be one of {sorted(_DTYPES)}, got {self.dtype!r}")
         if self.expert_layout not in ("ep", "tp"):
             raise ValueError(f"RunnerSpec.expert_layout must be 'ep' or 'tp', got {self.expert_layout!r}")
+        if self.int4_exact and self.checkpoint is None:
+            raise ValueError("RunnerSpec.int4_exact applies to INT4 checkpoints; a preset has full-precision experts")
         if self.num_slots < 1 or self.max_len < 2:
             raise ValueError(f"RunnerSpec needs num_slots >= 1 and max_len >= 2, got {self.num_slots}, {self.max_len}")
 
@@ -116,6 +120,10 @@ def build_model(
             model.load_state_dict_hf(full.hf_state_dict(), strict=True)
             del full
     model = model.to(device=spec.device).eval()
+    if spec.int4_exact:
+        if not cfg.int4_experts:
+            raise ValueError(f"int4_exact applies to INT4 checkpoints; {spec.checkpoint} has full-precision experts")
+        model.int4_exact = True
     return cfg, model
 
 

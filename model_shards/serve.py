@@ -32,11 +32,13 @@ def make_engine(
     max_len: int = 2048,
     dtype: str = "float32",
     device: str = "cpu",
+    int4_exact: bool = False,
     **engine_kwargs: Any,
 ) -> Any:
     from model_shards.engine import build_engine
 
-    spec = RunnerSpec(preset=preset, checkpoint=checkpoint, num_slots=num_slots, max_len=max_len, dtype=dtype, device=device)
+    spec = RunnerSpec(preset=preset, checkpoint=checkpoint, num_slots=num_slots, max_len=max_len, dtype=dtype, device=device,
+                      int4_exact=int4_exact)
     name = model_name or (Path(checkpoint).name if checkpoint else f"kimi-k2-{preset}")
     return build_engine(
         spec, tp, tokenizer=tokenizer or default_tokenizer(checkpoint), model_name=name, use_ray=use_ray, **engine_kwargs
@@ -77,7 +79,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--max-len", type=int, default=2048)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--device", default="cpu")
+    p.add_argument("--int4-exact", action="store_true",
+                   help="INT4 checkpoint on CPU: dequantize the experts instead of the packed int4 kernel")
     a = p.parse_args(argv)
+    if a.int4_exact and a.preset:
+        p.error("--int4-exact applies to INT4 checkpoints, not presets")
     serve(
         a.preset,
         a.checkpoint,
@@ -91,6 +97,7 @@ def main(argv: list[str] | None = None) -> None:
         max_len=a.max_len,
         dtype=a.dtype,
         device=a.device,
+        int4_exact=a.int4_exact,
     )
 
 

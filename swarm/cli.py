@@ -477,10 +477,21 @@ def model_serve(
     device: str = typer.Option("cpu", "--device", help="cpu or cuda"),
     shard_resources: Optional[str] = typer.Option(
         None, "--shard-resources", help='JSON custom resources per shard bundle (tp > 1), e.g. \'{"swarm_model": 1}\''),
+    int4_exact: bool = typer.Option(
+        False, "--int4-exact", help="INT4 checkpoint on CPU: dequantize the experts (exact, slower) instead of "
+        "ATen's packed int4 kernel (bf16 activations)"),
 ) -> None:
     """Serve a model over the OpenAI chat API (`/v1/chat/completions`) on HOST:PORT."""
     if (preset is None) == (checkpoint is None):
         fail("give exactly one of --preset or --checkpoint", EXIT_USAGE)
+    if int4_exact and preset is not None:
+        fail("--int4-exact applies to INT4 checkpoints: a preset has full-precision experts", EXIT_USAGE)
+    if int4_exact and checkpoint is not None and (checkpoint / "config.json").is_file():
+        from model_shards.checkpoint import read_config
+
+        if not read_config(checkpoint).int4_experts:
+            fail(f"--int4-exact applies to INT4 checkpoints: {checkpoint} has full-precision experts "
+                 "(`swarm model quantize` makes one)", EXIT_USAGE)
     if checkpoint is not None and not (checkpoint / "config.json").is_file():
         fail(f"{checkpoint} is not a checkpoint directory (no config.json in it)", EXIT_USAGE)
     if no_ray and tp != 1:
@@ -519,6 +530,7 @@ def model_serve(
         max_len=max_len,
         dtype=dtype,
         device=device,
+        int4_exact=int4_exact,
         **({"shard_resources": extra} if extra else {}),
     )
 

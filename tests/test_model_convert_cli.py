@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 from safetensors import safe_open
 from typer.testing import CliRunner
@@ -51,3 +52,24 @@ def test_quantize_then_dequantize_round_trip(tmp_path) -> None:
     assert rel.item() < 1e-2  # bf16 copies of the INT4 weights
     r = runner.invoke(app, ["model", "dequantize", str(tmp_path / "q"), str(tmp_path / "b2"), "--dtype", "int8"])
     assert r.exit_code == 2 and "--dtype" in r.output
+
+
+def test_int4_exact_switch_reaches_the_model_and_is_refused_where_it_means_nothing(tmp_path) -> None:
+    from model_shards.model_runner import RunnerSpec, build_model
+
+    torch.manual_seed(0)
+    cfg = ModelConfig.preset("tiny")
+    save_checkpoint(KimiK2ForCausalLM(cfg), cfg, tmp_path / "full")
+    runner = CliRunner()
+    assert runner.invoke(app, ["model", "quantize", str(tmp_path / "full"), str(tmp_path / "q")]).exit_code == 0
+    _, exact = build_model(RunnerSpec(checkpoint=str(tmp_path / "q"), num_slots=1, max_len=8, int4_exact=True))
+    _, packed = build_model(RunnerSpec(checkpoint=str(tmp_path / "q"), num_slots=1, max_len=8))
+    assert exact.int4_exact is True and packed.int4_exact is False
+    with pytest.raises(ValueError, match="full-precision experts"):
+        build_model(RunnerSpec(checkpoint=str(tmp_path / "full"), num_slots=1, max_len=8, int4_exact=True))
+    with pytest.raises(ValueError, match="applies to INT4 checkpoints"):
+        RunnerSpec(preset="tiny", int4_exact=True)
+    r = runner.invoke(app, ["model", "serve", "--checkpoint", str(tmp_path / "full"), "--int4-exact", "--no-ray"])
+    assert r.exit_code == 2 and "full-precision experts" in r.output
+    r = runner.invoke(app, ["model", "serve", "--preset", "tiny", "--int4-exact", "--no-ray"])
+    assert r.exit_code == 2 and "--int4-exact applies to INT4 checkpoints" in r.output
