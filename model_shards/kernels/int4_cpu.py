@@ -96,7 +96,7 @@ def fused_moe_int4_cpu(
         return combine_experts(x, None, None)
     if max(g.counts) > _PACKED_MAX_ROWS:  # prefill-sized: dequantizing is cheaper than the packed kernel
         return fused_moe_int4_ref(x, gate_packed, gate_scale, up_packed, up_scale, down_packed, down_scale,
-                                  topk_ids, topk_weights, group_size)
+                                  topk_ids, topk_weights, group_size, groups=g)
     w = packed_experts(gate_packed, gate_scale, up_packed, up_scale, down_packed, down_scale)
     busy = g.busy
     sizes = [g.counts[e] for e in busy]

@@ -102,8 +102,10 @@ def fused_moe_int4_ref(
     topk_ids: Tensor,
     topk_weights: Tensor,
     group_size: int = 32,
+    groups: "ExpertGroups | None" = None,
 ) -> Tensor:
-    """fused_moe_ref with INT4 expert weights ([E, out, in/8] packed, [E, out, in/group] scales)."""
+    """fused_moe_ref with INT4 expert weights ([E, out, in/8] packed, [E, out, in/group] scales).
+    `groups`: the assignments already grouped by group_by_expert, when the caller has them."""
 
     def weights(e: int) -> tuple[Tensor, Tensor, Tensor]:
         return (
@@ -113,7 +115,7 @@ def fused_moe_int4_ref(
         )
 
     # No stacked full-precision weights: dequantizing every expert would cost more than it saves.
-    return _moe_grouped(x, topk_ids, topk_weights, gate_packed.shape[0], weights, None)
+    return _moe_grouped(x, topk_ids, topk_weights, gate_packed.shape[0], weights, None, groups)
 
 
 # Cost model (in multiply-adds) for choosing between the padded bmm over every local expert and the loop
@@ -203,11 +205,12 @@ def _moe_grouped(
     num_experts: int,
     weights_of: Callable[[int], tuple[Tensor, Tensor, Tensor]],
     stacked: tuple[Tensor, Tensor, Tensor] | None,
+    groups: "ExpertGroups | None" = None,
 ) -> Tensor:
     """Sort the (token, expert) assignments by expert once, then either run every expert in one padded
     bmm (many experts busy: per-expert Python work would dominate on small matrices) or loop over the
     busy experts' contiguous segments (few busy: a bmm would read every expert's weights)."""
-    g = group_by_expert(topk_ids, topk_weights, num_experts)
+    g = groups if groups is not None else group_by_expert(topk_ids, topk_weights, num_experts)
     if g is None:
         return combine_experts(x, None, None)
     busy_ids = g.busy
