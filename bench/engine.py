@@ -127,7 +127,7 @@ def run_hf(ckpt: str, batch: int, prompt_len: int, new_tokens: int, threads: int
 
 def run_engine(
     ckpt: str, batch: int, prompt_len: int, new_tokens: int, tp: int, threads: int, repeat: int = 3,
-    dtype: str = "float32", int4_exact: bool = False, device: str = "cpu",
+    dtype: str = "float32", int4_exact: bool = False, device: str = "cpu", cpu_collectives: str = "shared_memory",
 ) -> dict[str, Any]:
     from model_shards.engine import LLMEngine
     from model_shards.engine_api import GenerationRequest, SamplingParams
@@ -135,7 +135,7 @@ def run_engine(
     from model_shards.tokenizer import ByteTokenizer
 
     spec = RunnerSpec(checkpoint=ckpt, num_slots=max(batch, 1), max_len=prompt_len + new_tokens + 8, dtype=dtype,
-                      device=device, int4_exact=int4_exact)
+                      device=device, int4_exact=int4_exact, cpu_collectives=cpu_collectives)
     shard_peaks: list[float] = []
     if tp == 1:
         torch.set_num_threads(threads)
@@ -147,6 +147,8 @@ def run_engine(
 
         ray.init(num_cpus=max(tp, threads), include_dashboard=False, log_to_driver=False)
         group = RayShardGroup.create(spec, tp=tp, num_cpus_per_shard=max(1, threads // tp))
+        if group.collectives != cpu_collectives:
+            raise RuntimeError(f"asked for {cpu_collectives} collectives, the shards run {group.collectives}")
     prompts = _prompts(batch, prompt_len, group.cfg.vocab_size)
 
     async def once(eng: Any, tag: str) -> tuple[float, float, list[list[int]]]:
@@ -225,6 +227,8 @@ def main(argv: list[str] | None = None) -> None:
                     help="engine on the INT4-quantized checkpoint, transformers on its dequantized fp32 copy")
     ap.add_argument("--int4-exact", action="store_true",
                     help="with --int4: the engine's dequantizing INT4 path instead of the packed kernel")
+    ap.add_argument("--cpu-collectives", choices=["shared_memory", "gloo"], default="shared_memory",
+                    help="how TP > 1 shards on CPU exchange partial sums (RunnerSpec.cpu_collectives)")
     a = ap.parse_args(argv)
     if a.int4_exact and not a.int4:
         ap.error("--int4-exact needs --int4")
@@ -259,7 +263,7 @@ def main(argv: list[str] | None = None) -> None:
             rows.append({"system": "transformers generate", "tp": 1, "batch": b, **hf})
             for tp in a.tp:
                 r = in_fresh_process("run_engine", ckpt, b, a.prompt_len, a.new_tokens, tp, a.threads, a.repeat, a.dtype,
-                                     a.int4_exact, a.device)
+                                     a.int4_exact, a.device, a.cpu_collectives)
                 if "tokens" in r and "tokens" in hf:
                     same = sum(x == y for x, y in zip(r["tokens"], hf["tokens"]))
                     r["same_as_hf"] = f"{same}/{b}"
@@ -275,6 +279,8 @@ def main(argv: list[str] | None = None) -> None:
     shape = a.preset + "".join(f", {getattr(a, n)} {n}" for n in ("layers", "experts") if getattr(a, n) is not None)
     where = (f"{torch.cuda.get_device_name()}" if a.device == "cuda"
              else f"{a.threads} threads, {os.cpu_count()} CPUs")
+    if a.device == "cpu" and any(tp > 1 for tp in a.tp):
+        where += f", TP > 1 collectives: {a.cpu_collectives}"
     kernels = {r["kernels"] for r in rows if "kernels" in r}
     print(f"\n{shape} preset, prompt {a.prompt_len} tokens, {a.new_tokens} new tokens, greedy, {weights}, "
           f"{where}{', engine kernels: ' + '/'.join(sorted(kernels)) if kernels else ''}, best of {a.repeat} runs, "

@@ -436,4 +436,6 @@ def build_engine(
         from model_shards.model_runner import DistributedRunnerGroup
 
         runners = DistributedRunnerGroup(spec, tp, threads_per_rank=int(max(1, num_cpus_per_shard)))
+    if tp > 1:
+        log.info("TP=%d shards built; their collectives run on %s", tp, getattr(runners, "collectives", "?"))
     return LLMEngine(runners, tok, model_name, **engine_kwargs)

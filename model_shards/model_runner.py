@@ -22,6 +22,7 @@ from model_shards.config import ModelConfig
 from model_shards.scheduler import StepInput
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+CPU_COLLECTIVES = ("shared_memory", "gloo")
 
 
 @dataclass
@@ -38,6 +39,8 @@ class RunnerSpec:
     device: str = "cpu"
     # INT4 checkpoints on CPU: dequantize the experts (exact) instead of ATen's packed kernel (bf16 activations)
     int4_exact: bool = False
+    # TP > 1 on CPU: "shared_memory" (ranks on one host exchange partial sums through /dev/shm) or "gloo"
+    cpu_collectives: str = "shared_memory"
 
     def __post_init__(self) -> None:
         if (self.preset is None) == (self.checkpoint is None):
@@ -48,6 +51,8 @@ class RunnerSpec:
             raise ValueError(f"RunnerSpec.expert_layout must be 'ep' or 'tp', got {self.expert_layout!r}")
         if self.int4_exact and self.checkpoint is None:
             raise ValueError("RunnerSpec.int4_exact applies to INT4 checkpoints; a preset has full-precision experts")
+        if self.cpu_collectives not in CPU_COLLECTIVES:
+            raise ValueError(f"RunnerSpec.cpu_collectives must be one of {CPU_COLLECTIVES}, got {self.cpu_collectives!r}")
         if self.num_slots < 1 or self.max_len < 2:
             raise ValueError(f"RunnerSpec needs num_slots >= 1 and max_len >= 2, got {self.num_slots}, {self.max_len}")
 
@@ -69,11 +74,20 @@ def init_distributed(
     backend: str | None = None,
     timeout_s: float = 120.0,
     device: str = "cpu",
-) -> "torch.distributed.ProcessGroup":
+    cpu_collectives: str = "shared_memory",
+) -> object:
     """Join the default process group (gloo for CPU tensors, nccl for CUDA ones); collectives time out
-    after timeout_s so a rank whose peer died fails instead of hanging forever."""
+    after timeout_s so a rank whose peer died fails instead of hanging forever.
+
+    Returns the group for the model's collectives: on CPU with cpu_collectives="shared_memory", a
+    SharedMemoryGroup when every rank is on this host (gloo's loopback TCP costs ~0.5 ms per collective
+    on small machines), else the process group itself."""
     import torch.distributed as dist
 
+    from model_shards.shm_collectives import SharedMemoryGroup
+
+    if cpu_collectives not in CPU_COLLECTIVES:
+        raise ValueError(f"cpu_collectives must be one of {CPU_COLLECTIVES}, got {cpu_collectives!r}")
     backend = backend or ("nccl" if device.startswith("cuda") else "gloo")
     if not dist.is_initialized():
         dist.init_process_group(
@@ -83,7 +97,25 @@ def init_distributed(
             world_size=world_size,
             timeout=datetime.timedelta(seconds=timeout_s),
         )
+    if backend == "gloo" and cpu_collectives == "shared_memory" and world_size > 1:
+        shm = SharedMemoryGroup.join(dist.group.WORLD, rank, world_size, timeout_s)
+        if shm is not None:
+            return shm
     return dist.group.WORLD
+
+
+def collectives_name(group: object) -> str:
+    """What a model built with `group` runs its collectives on: "shared_memory", "gloo", "nccl", or "none"
+    (no group: TP=1)."""
+    import torch.distributed as dist
+
+    from model_shards.shm_collectives import SharedMemoryGroup
+
+    if group is None:
+        return "none"
+    if isinstance(group, SharedMemoryGroup):
+        return "shared_memory"
+    return str(dist.get_backend(group))
 
 
 def build_model(
@@ -224,7 +256,7 @@ def _dist_worker(rank: int, world_size: int, spec: RunnerSpec, init_method: str,
     import torch.distributed as dist
 
     torch.set_num_threads(max(1, threads))
-    group = init_distributed(rank, world_size, init_method, None, timeout_s, spec.device)
+    group = init_distributed(rank, world_size, init_method, None, timeout_s, spec.device, spec.cpu_collectives)
     runner = ModelRunner.build(spec, rank, world_size, group)
     while True:
         box: list[object] = [None]
@@ -261,8 +293,9 @@ class DistributedRunnerGroup:
         for p in self.procs:
             p.start()
         # Rank 0's model lives on this process's torch thread, like a LocalRunnerGroup's.
-        group = init_distributed(0, tp, init_method, None, timeout_s, spec.device)
+        group = init_distributed(0, tp, init_method, None, timeout_s, spec.device, spec.cpu_collectives)
         self.runner = torch_thread.call(ModelRunner.build, spec, 0, tp, group)
+        self.collectives = collectives_name(group)
         self.cfg = self.runner.cfg
         self.tp_size = tp
         self.num_slots = spec.num_slots

@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 
 from model_shards.config import ModelConfig
+from model_shards.shm_collectives import SharedMemoryGroup
 
 ExpertLayout = Literal["ep", "tp"]
 
@@ -30,7 +31,8 @@ _VOCAB = ("model.embed_tokens.weight", "lm_head.weight")
 
 @dataclass(frozen=True)
 class TPGroup:
-    """One rank's view of its tensor-parallel group (size 1 = no communication)."""
+    """One rank's view of its tensor-parallel group (size 1 = no communication). group: a torch.distributed
+    process group (None = the default one), or a SharedMemoryGroup over one (ranks on one host)."""
 
     rank: int = 0
     size: int = 1
@@ -44,7 +46,10 @@ class TPGroup:
 def all_reduce(x: torch.Tensor, tp: TPGroup) -> torch.Tensor:
     """Sum of x over the TP group (in place; returns x)."""
     if tp.size > 1:
-        dist.all_reduce(x, op=dist.ReduceOp.SUM, group=tp.group)
+        if isinstance(tp.group, SharedMemoryGroup):
+            tp.group.all_reduce(x)
+        else:
+            dist.all_reduce(x, op=dist.ReduceOp.SUM, group=tp.group)
     return x
 
 
@@ -52,6 +57,8 @@ def all_gather_last_dim(x: torch.Tensor, tp: TPGroup) -> torch.Tensor:
     """Concatenates each rank's x along the last dim, in rank order."""
     if tp.size == 1:
         return x
+    if isinstance(tp.group, SharedMemoryGroup):
+        return torch.cat(tp.group.all_gather(x), dim=-1)
     parts = [torch.empty_like(x) for _ in range(tp.size)]
     dist.all_gather(parts, x.contiguous(), group=tp.group)
     return torch.cat(parts, dim=-1)

@@ -33,12 +33,13 @@ def make_engine(
     dtype: str = "float32",
     device: str = "cpu",
     int4_exact: bool = False,
+    cpu_collectives: str = "shared_memory",
     **engine_kwargs: Any,
 ) -> Any:
     from model_shards.engine import build_engine
 
     spec = RunnerSpec(preset=preset, checkpoint=checkpoint, num_slots=num_slots, max_len=max_len, dtype=dtype, device=device,
-                      int4_exact=int4_exact)
+                      int4_exact=int4_exact, cpu_collectives=cpu_collectives)
     name = model_name or (Path(checkpoint).name if checkpoint else f"kimi-k2-{preset}")
     return build_engine(
         spec, tp, tokenizer=tokenizer or default_tokenizer(checkpoint), model_name=name, use_ray=use_ray, **engine_kwargs
@@ -81,6 +82,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--int4-exact", action="store_true",
                    help="INT4 checkpoint on CPU: dequantize the experts instead of the packed int4 kernel")
+    p.add_argument("--cpu-collectives", default="shared_memory", choices=["shared_memory", "gloo"],
+                   help="tp > 1 on CPU: how the shards exchange partial sums")
     a = p.parse_args(argv)
     if a.int4_exact and a.preset:
         p.error("--int4-exact applies to INT4 checkpoints, not presets")
@@ -98,6 +101,7 @@ def main(argv: list[str] | None = None) -> None:
         dtype=a.dtype,
         device=a.device,
         int4_exact=a.int4_exact,
+        cpu_collectives=a.cpu_collectives,
     )
 
 

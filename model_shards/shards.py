@@ -24,7 +24,14 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from model_shards.config import ModelConfig
 from model_shards.engine_api import Constraint, GenerationRequest, GenerationResult, SamplingParams
-from model_shards.model_runner import ModelRunner, RunnerSpec, ShardDiedError, free_port, init_distributed
+from model_shards.model_runner import (
+    ModelRunner,
+    RunnerSpec,
+    ShardDiedError,
+    collectives_name,
+    free_port,
+    init_distributed,
+)
 from model_shards.scheduler import StepInput
 
 
@@ -44,9 +51,10 @@ class ShardActor:
     def setup(self, init_method: str, backend: str | None, timeout_s: float) -> dict[str, Any]:
         group = None
         if self.world_size > 1:
-            group = init_distributed(self.rank, self.world_size, init_method, backend, timeout_s, self.spec.device)
+            group = init_distributed(self.rank, self.world_size, init_method, backend, timeout_s, self.spec.device,
+                                     self.spec.cpu_collectives)
         self.runner = ModelRunner.build(self.spec, self.rank, self.world_size, group)
-        return {"config": self.runner.cfg.to_hf_dict(), "pid": os.getpid()}
+        return {"config": self.runner.cfg.to_hf_dict(), "pid": os.getpid(), "collectives": collectives_name(group)}
 
     def execute(self, step: StepInput) -> torch.Tensor | None:
         assert self.runner is not None, "setup() was not called"
@@ -80,6 +88,7 @@ class RayShardGroup:
         self.num_slots = spec.num_slots
         self.max_len = spec.max_len
         self._dead: str | None = None
+        self.collectives = "none"  # what the ranks' collectives run on (collectives_name), set by create()
         # How create() was called, and every weight hot-loaded since: what rebuild() needs to make
         # an identical replica.
         self._create_kwargs: dict[str, Any] = {}
@@ -142,6 +151,7 @@ class RayShardGroup:
             raise
         cfg = ModelConfig.from_hf_dict(infos[0]["config"])
         group = cls(actors, pg, cfg, spec)
+        group.collectives = infos[0]["collectives"]
         group._create_kwargs = {
             "num_cpus_per_shard": num_cpus_per_shard,
             "use_gpu": use_gpu,

@@ -480,6 +480,9 @@ def model_serve(
     int4_exact: bool = typer.Option(
         False, "--int4-exact", help="INT4 checkpoint on CPU: dequantize the experts (exact, slower) instead of "
         "ATen's packed int4 kernel (bf16 activations)"),
+    cpu_collectives: str = typer.Option(
+        "shared_memory", "--cpu-collectives", help="tp > 1 on CPU: shared_memory (shards on one host exchange "
+        "partial sums through /dev/shm; gloo if they cannot) or gloo (loopback TCP)"),
 ) -> None:
     """Serve a model over the OpenAI chat API (`/v1/chat/completions`) on HOST:PORT."""
     if (preset is None) == (checkpoint is None):
@@ -498,6 +501,8 @@ def model_serve(
         fail("--no-ray runs one process: use --tp 1, or drop --no-ray", EXIT_USAGE)
     if dtype not in ("float32", "bfloat16", "float16"):
         fail(f"--dtype must be float32, bfloat16 or float16, got {dtype!r}", EXIT_USAGE)
+    if cpu_collectives not in ("shared_memory", "gloo"):
+        fail(f"--cpu-collectives must be shared_memory or gloo, got {cpu_collectives!r}", EXIT_USAGE)
     extra: dict[str, float] = {}
     if shard_resources is not None:
         try:
@@ -531,6 +536,7 @@ def model_serve(
         dtype=dtype,
         device=device,
         int4_exact=int4_exact,
+        cpu_collectives=cpu_collectives,
         **({"shard_resources": extra} if extra else {}),
     )
 

@@ -4,6 +4,7 @@ shards, and the in-cluster LLM client (EngineChatClient) talking to a named engi
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 
 import pytest
@@ -61,6 +62,7 @@ async def test_tp2_on_ray_matches_tp1_and_updates_weights_on_every_shard(ray_loc
         assert pg_table["strategy"] == "STRICT_PACK" and len(pg_table["bundles"]) == 2
         pids = await asyncio.gather(*(a.pid.remote() for a in group.actors))
         assert len(set(pids)) == 2
+        assert group.collectives == "shared_memory"  # the default for shards on one host
         eng = engine(group)
         assert await greedy_all(eng) == tp1_greedy
         # hot update on both shards: outputs change and equal a TP=1 model with the same new weights
@@ -84,8 +86,10 @@ async def test_tp2_on_ray_matches_tp1_and_updates_weights_on_every_shard(ray_loc
 
 
 async def test_dead_shard_is_reported_by_rank(ray_local) -> None:
-    group = RayShardGroup.create(SPEC, tp=2)
+    # over gloo, the other way CPU shards can talk (the default, shared memory, runs in the tests around)
+    group = RayShardGroup.create(dataclasses.replace(SPEC, cpu_collectives="gloo"), tp=2)
     try:
+        assert group.collectives == "gloo"
         eng = engine(group, max_shard_rebuilds=0)  # rebuilding off: the failure reaches the caller
         ok = await eng.complete(GenerationRequest("alive", PROMPTS[0], SamplingParams(temperature=0.0, max_tokens=3)))
         assert ok.completion_tokens == 3

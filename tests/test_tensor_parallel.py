@@ -1,5 +1,6 @@
-"""TP=2 (gloo on 127.0.0.1, torch.multiprocessing spawn) against TP=1, through the real load_checkpoint,
-for both routed-expert layouts, full precision and INT4."""
+"""TP=2 (torch.multiprocessing spawn, gloo on 127.0.0.1) against TP=1, through the real load_checkpoint,
+for both routed-expert layouts, full precision and INT4. The exact cases run their collectives through
+shared memory (what co-located CPU shards use by default), the packed INT4 ones through gloo."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from model_shards.config import ModelConfig
 from model_shards.int4 import quantize_checkpoint
 from model_shards.model import ForwardBatch, KimiK2ForCausalLM, LatentKVCache
 from model_shards.parallel import check_divisibility
+from model_shards.shm_collectives import SharedMemoryGroup
 from tests.net import free_port
 
 VOCAB = 512
@@ -44,8 +46,10 @@ def _worker(rank: int, world: int, port: int, ckpts: dict[str, str], out_dir: st
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
         torch.set_num_threads(1)
+        shm = SharedMemoryGroup.join(dist.group.WORLD, rank, world)
+        assert shm is not None
         for kind, layout in CASES:
-            _, model = load_checkpoint(ckpts[kind], tp_rank=rank, tp_size=world, expert_layout=layout)
+            _, model = load_checkpoint(ckpts[kind], tp_rank=rank, tp_size=world, expert_layout=layout, group=shm)
             model.int4_exact = True  # sharding must not change a single sum beyond reordering
             torch.save(run_model(model), os.path.join(out_dir, f"{kind}-{layout}-rank{rank}.pt"))
         for kind, layout in PACKED_CASES:

@@ -95,7 +95,8 @@ class PARLTrainer:
         """Join the trainers' process group (gloo: the trainer runs on CPU); returns this rank."""
         from model_shards.model_runner import init_distributed
 
-        init_distributed(self.rank, self.world, init_method, backend="gloo", timeout_s=timeout_s)
+        # The trainers all-reduce whole gradients (far beyond a shared-memory slot): plain gloo.
+        init_distributed(self.rank, self.world, init_method, backend="gloo", timeout_s=timeout_s, cpu_collectives="gloo")
         return self.rank
 
     def _all_reduce(self, acc: dict[str, float]) -> None:
