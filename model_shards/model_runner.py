@@ -88,6 +88,9 @@ def init_distributed(
 
     if cpu_collectives not in CPU_COLLECTIVES:
         raise ValueError(f"cpu_collectives must be one of {CPU_COLLECTIVES}, got {cpu_collectives!r}")
+    if device == "cuda":
+        # "cuda" means the current device: make it this rank's GPU before NCCL and the model touch one.
+        torch.cuda.set_device(cuda_index_for_rank(rank, world_size, torch.cuda.device_count()))
     backend = backend or ("nccl" if device.startswith("cuda") else "gloo")
     if not dist.is_initialized():
         dist.init_process_group(
@@ -102,6 +105,19 @@ def init_distributed(
         if shm is not None:
             return shm
     return dist.group.WORLD
+
+
+def cuda_index_for_rank(rank: int, world_size: int, visible: int) -> int:
+    """The GPU a rank uses when its device is plain "cuda". A Ray shard sees only the GPU Ray gave it
+    (visible == 1); ranks started side by side on one machine (DistributedRunnerGroup) see them all and
+    take one each."""
+    if visible < 1:
+        raise RuntimeError("device 'cuda' was asked for, but torch sees no GPU in this process")
+    if visible == 1:
+        return 0
+    if world_size > visible:
+        raise ValueError(f"TP={world_size} on CUDA needs a GPU per rank; this process sees {visible}")
+    return rank
 
 
 def collectives_name(group: object) -> str:

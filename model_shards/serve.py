@@ -61,6 +61,8 @@ def serve(
     from model_shards.server import create_openai_app
 
     engine = make_engine(preset, checkpoint, tp, use_ray, **kwargs)
+    if tp > 1:
+        print(f"{tp} shards ready; their collectives run on {getattr(engine.runners, 'collectives', '?')}", flush=True)
     app = create_openai_app(engine, engine.model_name)
     uvicorn.run(app, host=host, port=port, log_level="info")
 

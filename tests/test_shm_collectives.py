@@ -158,3 +158,4 @@ def test_serve_cli_passes_the_choice_on_and_refuses_unknown_ones(monkeypatch: py
     assert seen[-1]["cpu_collectives"] == "gloo"
     assert runner.invoke(app, ["model", "serve", "--preset", "tiny", "--tp", "2"]).exit_code == 0
     assert seen[-1]["cpu_collectives"] == "shared_memory"
+

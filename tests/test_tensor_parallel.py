@@ -108,3 +108,14 @@ def test_indivisible_shapes_are_rejected() -> None:
         KimiK2ForCausalLM(cfg, tp_rank=0, tp_size=4, expert_layout="ep")
     with pytest.raises(ValueError, match="expert_layout"):
         KimiK2ForCausalLM(ModelConfig.preset("tiny"), expert_layout="zigzag")
+
+
+def test_each_rank_takes_its_own_gpu_when_it_sees_several() -> None:
+    from model_shards.model_runner import cuda_index_for_rank
+
+    assert [cuda_index_for_rank(r, 4, 8) for r in range(4)] == [0, 1, 2, 3]  # ranks side by side
+    assert [cuda_index_for_rank(r, 8, 1) for r in range(8)] == [0] * 8  # Ray shards: one visible GPU each
+    with pytest.raises(ValueError, match="TP=4 on CUDA needs a GPU per rank; this process sees 2"):
+        cuda_index_for_rank(3, 4, 2)
+    with pytest.raises(RuntimeError, match="sees no GPU"):
+        cuda_index_for_rank(0, 2, 0)
