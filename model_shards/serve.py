@@ -84,6 +84,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--int4-exact", action="store_true",
                    help="INT4 checkpoint on CPU: dequantize the experts instead of the packed int4 kernel")
+    p.add_argument("--cpus-per-shard", type=int, default=1,
+                   help="tp > 1: Ray CPUs each shard reserves and the torch threads it runs")
     p.add_argument("--cpu-collectives", default="shared_memory", choices=["shared_memory", "gloo"],
                    help="tp > 1 on CPU: how the shards exchange partial sums")
     a = p.parse_args(argv)
@@ -104,6 +106,7 @@ def main(argv: list[str] | None = None) -> None:
         device=a.device,
         int4_exact=a.int4_exact,
         cpu_collectives=a.cpu_collectives,
+        num_cpus_per_shard=float(max(1, a.cpus_per_shard)),
     )
 
 

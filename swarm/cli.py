@@ -480,6 +480,9 @@ def model_serve(
     int4_exact: bool = typer.Option(
         False, "--int4-exact", help="INT4 checkpoint on CPU: dequantize the experts (exact, slower) instead of "
         "ATen's packed int4 kernel (bf16 activations)"),
+    cpus_per_shard: Optional[int] = typer.Option(
+        None, "--cpus-per-shard", min=1, help="tp > 1: Ray CPUs each shard reserves and the torch threads it runs "
+        "(default 1; tp 1 runs in this process on torch's default threads)"),
     cpu_collectives: str = typer.Option(
         "shared_memory", "--cpu-collectives", help="tp > 1 on CPU: shared_memory (shards on one host exchange "
         "partial sums through /dev/shm; gloo if they cannot) or gloo (loopback TCP)"),
@@ -516,6 +519,9 @@ def model_serve(
                  EXIT_USAGE)
         if tp == 1:
             fail("--shard-resources applies to Ray shards: use it with --tp 2 or more", EXIT_USAGE)
+    if cpus_per_shard is not None and tp == 1:
+        fail("--cpus-per-shard applies to --tp 2 or more (tp 1 runs in this process on torch's default threads)",
+             EXIT_USAGE)
     from model_shards.serve import serve as serve_model
 
     console.print(
@@ -538,6 +544,7 @@ def model_serve(
         int4_exact=int4_exact,
         cpu_collectives=cpu_collectives,
         **({"shard_resources": extra} if extra else {}),
+        **({"num_cpus_per_shard": float(cpus_per_shard)} if cpus_per_shard else {}),
     )
 
 

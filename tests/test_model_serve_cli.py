@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from typing import Any
 
 import httpx
 import openai
@@ -57,3 +58,27 @@ def test_model_serve_answers_openai_clients(tmp_path):
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(timeout=30)
         log.close()
+
+
+def test_serve_cli_passes_shard_options_on_and_refuses_bad_ones(monkeypatch: pytest.MonkeyPatch) -> None:
+    """--cpu-collectives and --cpus-per-shard reach the engine builder (serve itself replaced by a recorder)."""
+    from typer.testing import CliRunner
+
+    import model_shards.serve
+    from swarm.cli import app
+
+    seen: list[dict[str, Any]] = []
+    monkeypatch.setattr(model_shards.serve, "serve", lambda *a, **k: seen.append(k))
+    runner = CliRunner()
+    r = runner.invoke(app, ["model", "serve", "--preset", "tiny", "--tp", "2", "--cpu-collectives", "tcp"])
+    assert r.exit_code == 2 and "--cpu-collectives must be shared_memory or gloo" in r.output and not seen
+    r = runner.invoke(app, ["model", "serve", "--preset", "tiny", "--tp", "2", "--cpu-collectives", "gloo"])
+    assert r.exit_code == 0, r.output
+    assert seen[-1]["cpu_collectives"] == "gloo"
+    assert runner.invoke(app, ["model", "serve", "--preset", "tiny", "--tp", "2"]).exit_code == 0
+    assert seen[-1]["cpu_collectives"] == "shared_memory"
+    assert "num_cpus_per_shard" not in seen[-1]  # build_engine's default: one CPU per shard
+    r = runner.invoke(app, ["model", "serve", "--preset", "tiny", "--tp", "2", "--cpus-per-shard", "4"])
+    assert r.exit_code == 0 and seen[-1]["num_cpus_per_shard"] == 4.0
+    r = runner.invoke(app, ["model", "serve", "--preset", "tiny", "--cpus-per-shard", "4"])
+    assert r.exit_code == 2 and "--cpus-per-shard applies to --tp 2 or more" in r.output

@@ -141,21 +141,3 @@ def test_unknown_collectives_are_refused() -> None:
         init_distributed(0, 1, "tcp://127.0.0.1:1", cpu_collectives="tcp")
     assert collectives_name(None) == "none"
 
-
-def test_serve_cli_passes_the_choice_on_and_refuses_unknown_ones(monkeypatch: pytest.MonkeyPatch) -> None:
-    from typer.testing import CliRunner
-
-    import model_shards.serve
-    from swarm.cli import app
-
-    seen: list[dict[str, Any]] = []
-    monkeypatch.setattr(model_shards.serve, "serve", lambda *a, **k: seen.append(k))
-    runner = CliRunner()
-    r = runner.invoke(app, ["model", "serve", "--preset", "tiny", "--tp", "2", "--cpu-collectives", "tcp"])
-    assert r.exit_code == 2 and "--cpu-collectives must be shared_memory or gloo" in r.output and not seen
-    r = runner.invoke(app, ["model", "serve", "--preset", "tiny", "--tp", "2", "--cpu-collectives", "gloo"])
-    assert r.exit_code == 0, r.output
-    assert seen[-1]["cpu_collectives"] == "gloo"
-    assert runner.invoke(app, ["model", "serve", "--preset", "tiny", "--tp", "2"]).exit_code == 0
-    assert seen[-1]["cpu_collectives"] == "shared_memory"
-
