@@ -13,7 +13,9 @@ from __future__ import annotations
 
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
+from typing import Any
 
+import numpy as np
 import torch
 
 
@@ -74,6 +76,17 @@ class StepInput:
     @property
     def num_seqs(self) -> int:
         return int(self.cache_slots.numel())
+
+    def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
+        # Pickled as numpy arrays: Ray ships a step to every shard every step, and its serializer for
+        # torch tensors cost ~0.9 ms per shard call on the dev machine, against ~0.1 ms for these.
+        arrays = tuple(t.cpu().numpy() for t in (self.input_ids, self.positions, self.cu_seqlens,
+                                                 self.cache_slots, self.context_lens))
+        return (_step_input_from_arrays, (arrays, list(self.copies)))
+
+
+def _step_input_from_arrays(arrays: tuple[Any, ...], copies: list[tuple[int, int, int]]) -> StepInput:
+    return StepInput(*(torch.from_numpy(np.array(a, dtype=np.int64)) for a in arrays), copies=copies)
 
 
 @dataclass

@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import pickle
 
 import pytest
 import torch
 
 from model_shards.engine_api import Constraint, GenerationRequest, SamplingParams
-from model_shards.scheduler import Scheduler, common_prefix_len
+from model_shards.scheduler import Scheduler, StepInput, common_prefix_len
 
 # ---- scheduler (pure logic) ---------------------------------------------------------------------
 
@@ -55,6 +56,17 @@ def test_scheduler_chunks_prefill_under_budget_and_decodes_first() -> None:
     assert inp.cu_seqlens.tolist() == [0, 1, 2]
     assert inp.context_lens.tolist() == [12, 3]
     assert inp.cache_slots.tolist() == [0, 1]
+    # A step travels to every shard each step (Ray, torch.distributed): pickled as int64 arrays, it comes
+    # back equal, as writable int64 tensors.
+    inp.copies = [(0, 3, 5)]
+    back = pickle.loads(pickle.dumps(inp))
+    for name in ("input_ids", "positions", "cu_seqlens", "cache_slots", "context_lens"):
+        got = getattr(back, name)
+        assert got.dtype == torch.int64 and torch.equal(got, getattr(inp, name)), name
+        got.add_(0)  # writable
+    assert back.copies == [(0, 3, 5)] and back.num_seqs == 2
+    empty = pickle.loads(pickle.dumps(StepInput(*(torch.zeros(0, dtype=torch.int64) for _ in range(5)))))
+    assert empty.num_seqs == 0 and empty.copies == []
 
 
 def test_scheduler_waits_for_a_free_slot_and_reuses_it() -> None:
