@@ -1,8 +1,10 @@
 """LLMEngine: continuous-batching generation over a RunnerGroup (one process, torch.distributed, or Ray).
 
-A background asyncio task runs the step loop: ask the Scheduler for the next step, execute it on
-every rank, sample the finished rows (per-request seeded generators, grammar masks), stream each
-token to its request's queue, and free slots of finished requests so waiting ones join the batch.
+A background asyncio task runs the step loop: ask the Scheduler for the next step, decide how its
+finished rows are sampled (temperature, top-k/p, grammar masks, one uniform draw each: seeded requests
+draw from their seed and token index), execute it on every rank (rank 0 samples next to its logits),
+stream each token to its request's queue, and free slots of finished requests so waiting ones join
+the batch.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from model_shards.engine_api import (
     collect,
 )
 from model_shards.model_runner import RunnerGroup, RunnerSpec, ShardDiedError
-from model_shards.scheduler import ScheduledStep, Scheduler
+from model_shards.scheduler import ScheduledStep, Scheduler, StepInput
 from model_shards.tokenizer import StreamDecoder
 
 log = logging.getLogger(__name__)
@@ -36,7 +38,6 @@ log = logging.getLogger(__name__)
 class _Request:
     req: GenerationRequest
     queue: asyncio.Queue
-    generator: torch.Generator | None
     matcher: Any = None
     decoder: StreamDecoder | None = None
     text: str = ""  # decoded completion so far
@@ -200,13 +201,9 @@ class LLMEngine:
             # Building the token table and compiling a grammar can take a while on a big vocabulary:
             # do it off the event loop so running streams keep flowing.
             matcher = await asyncio.to_thread(self._matcher, req.constraint)
-        gen = None
-        if req.params.seed is not None:
-            gen = torch.Generator(device="cpu").manual_seed(int(req.params.seed))
         st = _Request(
             req=req,
             queue=asyncio.Queue(),
-            generator=gen,
             matcher=matcher,
             decoder=StreamDecoder(self.tokenizer),
             stop=[s for s in req.params.stop if s],
@@ -253,7 +250,9 @@ class LLMEngine:
         if step is None:
             return False
         try:
-            logits = await self.runners.execute(step.to_input())
+            # Built on the torch thread, like the steps: masks over a big vocabulary are not small torch work.
+            inp, sampled = await torch_thread.run(self._step_input, step)
+            out = await self.runners.execute(inp)
         except ShardDiedError as e:
             if not await self._rebuild_replica(e):
                 log.exception("engine step failed")
@@ -267,18 +266,20 @@ class LLMEngine:
         self.scheduler.commit(step)
         self.steps += 1
         try:
-            await self._sample_and_emit(step, logits)
+            for st, tok, logprob in zip(sampled, out.token_ids, out.logprobs, strict=True):
+                if not st.done:  # a request closed while its step ran gets nothing more
+                    self._on_token(st, tok, logprob)
         except Exception as e:
-            log.exception("sampling failed")
+            log.exception("emitting the step's tokens failed")
             self._fail_running(e)
         return True
 
     async def _rebuild_replica(self, err: ShardDiedError) -> bool:
         """Replace a replica that lost a shard and requeue its in-flight requests; False when the group
         cannot be rebuilt. Runs under the step lock, so weight updates and new requests wait for it.
-        Requests keep their generated tokens, sampler generators and grammar state: the new replica
+        Requests keep their generated tokens and grammar state: the new replica
         recomputes prompt + generated tokens and decoding resumes where it stopped (nothing is
-        streamed twice; seeded sampling continues from the same generator state)."""
+        streamed twice; a seeded request's draws depend only on its seed and token index)."""
         rebuild = getattr(self.runners, "rebuild", None)
         if rebuild is None or self.max_shard_rebuilds == 0:
             return False
@@ -312,7 +313,12 @@ class LLMEngine:
                 st.done = True
                 st.queue.put_nowait(RuntimeError(f"engine step failed: {err}"))
 
-    async def _sample_and_emit(self, step: ScheduledStep, logits: torch.Tensor) -> None:
+    def _step_input(self, step: ScheduledStep) -> tuple[StepInput, list[_Request]]:
+        """The step for the ranks, with how to sample each sequence that ends its tokens in it; and the
+        requests those samples go to, in row order."""
+        from model_shards.sampling import SampleSpec, seeded_uniform
+
+        inp = step.to_input()
         rows: list[int] = []
         states: list[_Request] = []
         for i, e in enumerate(step.entries):
@@ -321,18 +327,11 @@ class LLMEngine:
                 rows.append(i)
                 states.append(st)
         if not rows:
-            return
-        # On the torch thread, like the steps: the event loop thread runs no torch work (see torch_thread).
-        token_ids, logprobs = await torch_thread.run(self._sample_rows, logits, rows, states)
+            return inp, []
+        uniform = torch.rand(len(rows), dtype=torch.float64)  # unseeded rows: torch's global generator
         for k, st in enumerate(states):
-            if not st.done:  # a request closed while its row was being sampled gets nothing more
-                self._on_token(st, token_ids[k], logprobs[k])
-
-    def _sample_rows(self, logits: torch.Tensor, rows: list[int], states: list[_Request]
-                     ) -> tuple[list[int], list[float]]:
-        from model_shards.sampling import sample
-
-        sel = logits[rows]
+            if st.req.params.seed is not None:
+                uniform[k] = seeded_uniform(st.req.params.seed, st.completion_tokens)
         allowed = None
         if any(st.matcher is not None for st in states):
             allowed = torch.ones(len(rows), self.vocab_size, dtype=torch.bool)
@@ -340,8 +339,8 @@ class LLMEngine:
                 if st.matcher is not None:
                     allowed[k] = False
                     st.matcher.fill_allowed(allowed[k])
-        token_ids, logprobs = sample(sel, [st.req.params for st in states], [st.generator for st in states], allowed)
-        return token_ids.tolist(), logprobs.tolist()
+        inp.sample = SampleSpec.build(rows, [st.req.params for st in states], uniform, allowed)
+        return inp, states
 
     def _on_token(self, st: _Request, tok: int, logprob: float) -> None:
         rid = st.req.request_id

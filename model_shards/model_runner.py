@@ -1,7 +1,7 @@
 """One tensor-parallel rank: the model's slice plus its latent KV cache, executing scheduled steps.
 
 A `RunnerGroup` is what the engine drives: every rank executes the same `StepInput` in lockstep
-(their collectives pair up) and rank 0's logits come back. `LocalRunnerGroup` is the single-process
+(their collectives pair up) and rank 0 samples the step's tokens, which come back. `LocalRunnerGroup` is the single-process
 TP=1 group; `DistributedRunnerGroup` runs T ranks as local processes joined by torch.distributed
 (no Ray); `model_shards.shards.RayShardGroup` places T ranks in Ray actors.
 """
@@ -175,6 +175,14 @@ def build_model(
     return cfg, model
 
 
+@dataclass
+class StepOutput:
+    """What a step sends back: the sampled token and its logprob for each row of `StepInput.sample`."""
+
+    token_ids: list[int]
+    logprobs: list[float]
+
+
 class ModelRunner:
     """A rank's model and LatentKVCache; `execute` runs one scheduled step and returns logits."""
 
@@ -195,14 +203,29 @@ class ModelRunner:
         return cls(cfg, model, spec, tp_rank, tp_size)
 
     @torch.inference_mode()
-    def execute(self, step: StepInput) -> torch.Tensor:
-        """Copy reused prefixes, run the forward; [S, vocab] fp32 logits on CPU (every rank)."""
+    def execute(self, step: StepInput) -> StepOutput:
+        """Copy reused prefixes, run the forward, sample the rows `step.sample` names (next to the logits,
+        on this rank's device): one token and its logprob per row go back, not the logits."""
+        from model_shards.sampling import sample_rows
+
+        spec = step.sample
+        if spec is None or len(spec) == 0 or self.tp_rank != 0:  # every rank has the logits; rank 0 answers
+            self.forward(step)
+            return StepOutput([], [])
+        logits = self.forward(step)
+        tokens, logprobs = sample_rows(logits[spec.rows.to(logits.device)], spec)
+        return StepOutput(tokens.tolist(), logprobs.tolist())
+
+    @torch.inference_mode()
+    def forward(self, step: StepInput) -> torch.Tensor:
+        """Copy reused prefixes, run the forward; [S, vocab] fp32 logits on this rank's device (every rank
+        holds the full logits)."""
         from model_shards.model import ForwardBatch
 
         for src, dst, n in step.copies:
             self.cache.copy_prefix(src, dst, n)
         if step.num_seqs == 0:
-            return torch.empty(0, self.cfg.vocab_size, dtype=torch.float32)
+            return torch.empty(0, self.cfg.vocab_size, dtype=torch.float32, device=self.device)
         dev = self.device
         batch = ForwardBatch(
             input_ids=step.input_ids.to(dev),
@@ -211,8 +234,7 @@ class ModelRunner:
             cache_slots=step.cache_slots.to(dev),
             context_lens=step.context_lens.to(dev),
         )
-        logits = self.model(batch, self.cache)
-        return logits.float().cpu()
+        return self.model(batch, self.cache).float()
 
     @torch.inference_mode()
     def update_weights(self, tensors: Mapping[str, torch.Tensor]) -> None:
@@ -231,7 +253,7 @@ class RunnerGroup(Protocol):
     num_slots: int
     max_len: int
 
-    async def execute(self, step: StepInput) -> torch.Tensor: ...
+    async def execute(self, step: StepInput) -> StepOutput: ...
 
     async def update_weights(self, tensors: Mapping[str, torch.Tensor]) -> None: ...
 
@@ -253,7 +275,7 @@ class LocalRunnerGroup:
     def build(cls, spec: RunnerSpec) -> "LocalRunnerGroup":
         return cls(torch_thread.call(ModelRunner.build, spec))
 
-    async def execute(self, step: StepInput) -> torch.Tensor:
+    async def execute(self, step: StepInput) -> StepOutput:
         return await torch_thread.run(self.runner.execute, step)
 
     async def update_weights(self, tensors: Mapping[str, torch.Tensor]) -> None:
@@ -328,7 +350,7 @@ class DistributedRunnerGroup:
             raise ShardDiedError(self._dead)
         dist.broadcast_object_list([cmd], src=0)
 
-    def _execute(self, step: StepInput) -> torch.Tensor:
+    def _execute(self, step: StepInput) -> StepOutput:
         self._broadcast(("step", step))
         return self.runner.execute(step)
 
@@ -336,7 +358,7 @@ class DistributedRunnerGroup:
         self._broadcast(("update", dict(tensors)))
         self.runner.update_weights(tensors)
 
-    async def execute(self, step: StepInput) -> torch.Tensor:
+    async def execute(self, step: StepInput) -> StepOutput:
         return await torch_thread.run(self._execute, step)
 
     async def update_weights(self, tensors: Mapping[str, torch.Tensor]) -> None:

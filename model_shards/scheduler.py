@@ -18,6 +18,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from model_shards.sampling import SampleSpec
+
 
 @dataclass(eq=False)  # identity semantics: membership tests must not compare token lists
 class Sequence:
@@ -72,6 +74,7 @@ class StepInput:
     cache_slots: torch.Tensor  # [S] int64
     context_lens: torch.Tensor  # [S] int64
     copies: list[tuple[int, int, int]] = field(default_factory=list)
+    sample: SampleSpec | None = None  # the sequences to sample a token for after the forward, and how
 
     @property
     def num_seqs(self) -> int:
@@ -82,11 +85,12 @@ class StepInput:
         # torch tensors cost ~0.9 ms per shard call on the dev machine, against ~0.1 ms for these.
         arrays = tuple(t.cpu().numpy() for t in (self.input_ids, self.positions, self.cu_seqlens,
                                                  self.cache_slots, self.context_lens))
-        return (_step_input_from_arrays, (arrays, list(self.copies)))
+        return (_step_input_from_arrays, (arrays, list(self.copies), self.sample))
 
 
-def _step_input_from_arrays(arrays: tuple[Any, ...], copies: list[tuple[int, int, int]]) -> StepInput:
-    return StepInput(*(torch.from_numpy(np.array(a, dtype=np.int64)) for a in arrays), copies=copies)
+def _step_input_from_arrays(arrays: tuple[Any, ...], copies: list[tuple[int, int, int]],
+                            sample: SampleSpec | None = None) -> StepInput:
+    return StepInput(*(torch.from_numpy(np.array(a, dtype=np.int64)) for a in arrays), copies=copies, sample=sample)
 
 
 @dataclass

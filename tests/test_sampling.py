@@ -92,3 +92,62 @@ def test_bad_input_is_named() -> None:
         SamplingParams(temperature=-1)
     with pytest.raises(ValueError, match="top_p"):
         SamplingParams(top_p=0.0)
+
+
+def test_draws_at_evenly_spaced_uniforms_reproduce_the_distribution() -> None:
+    """The token is where the row's uniform falls in its cumulative distribution: N evenly spaced draws
+    give every token its share of N to within one (a wrong cumulative sum or offset would not)."""
+    from model_shards.sampling import SampleSpec, sample_rows
+
+    logits = torch.tensor([[2.0, -1.0, 0.5, 0.0, -3.0, 1.0]])
+    temp, n = 0.7, 20_000
+    u = (torch.arange(n, dtype=torch.float64) + 0.5) / n
+    spec = SampleSpec.build(list(range(n)), [SamplingParams(temperature=temp)] * n, u)
+    tokens, lps = sample_rows(logits.expand(n, -1), spec)
+    want = torch.softmax(logits[0] / temp, -1).double() * n
+    counts = torch.bincount(tokens, minlength=6).double()
+    assert (counts - want).abs().max() <= 1.0, (counts, want)
+    assert torch.allclose(lps, torch.log_softmax(logits[0] / temp, -1)[tokens])
+
+
+def test_a_draw_next_to_one_never_picks_a_masked_or_truncated_token() -> None:
+    from model_shards.sampling import SampleSpec, sample_rows
+
+    logits = torch.zeros(2, 50)
+    allowed = torch.zeros(2, 50, dtype=torch.bool)
+    allowed[:, 10:20] = True
+    u = torch.tensor([torch.nextafter(torch.tensor(1.0, dtype=torch.float64), torch.tensor(0.0, dtype=torch.float64)),
+                      0.0], dtype=torch.float64)
+    spec = SampleSpec.build([0, 1], [SamplingParams(temperature=1.0)] * 2, u, allowed)
+    tokens, _ = sample_rows(logits, spec)
+    assert tokens.tolist() == [19, 10]  # the last and the first allowed token
+    spec = SampleSpec.build([0, 1], [SamplingParams(temperature=1.0, top_k=3)] * 2, u)
+    logits = torch.arange(50.0).repeat(2, 1)
+    tokens, _ = sample_rows(logits, spec)
+    assert set(tokens.tolist()) <= {47, 48, 49}
+
+
+def test_sampling_spec_survives_pickling_with_its_mask() -> None:
+    """A step's sampling settings travel to the shards: pickled (mask as bits), they come back equal."""
+    import pickle
+
+    from model_shards.sampling import SampleSpec
+
+    allowed = torch.rand(3, 77) > 0.5
+    params = [SamplingParams(temperature=0.0), SamplingParams(temperature=0.8, top_k=5), SamplingParams(top_p=0.9)]
+    spec = SampleSpec.build([4, 0, 2], params, torch.rand(3, dtype=torch.float64), allowed)
+    back = pickle.loads(pickle.dumps(spec))
+    for name in ("rows", "temperature", "top_k", "top_p", "uniform", "allowed"):
+        assert torch.equal(getattr(back, name), getattr(spec, name)), name
+        assert getattr(back, name).dtype == getattr(spec, name).dtype, name
+    assert pickle.loads(pickle.dumps(SampleSpec.build([1], params[:1], torch.zeros(1)))).allowed is None
+
+
+def test_seeded_draws_depend_on_seed_and_index_only() -> None:
+    from model_shards.sampling import seeded_uniform
+
+    draws = [seeded_uniform(7, i) for i in range(50)]
+    assert draws == [seeded_uniform(7, i) for i in range(50)]  # no hidden state: a resumed request redraws the same
+    assert len(set(draws)) == 50 and all(0.0 <= d < 1.0 for d in draws)
+    assert draws != [seeded_uniform(8, i) for i in range(50)]
+    assert 0.35 < sum(draws) / 50 < 0.65

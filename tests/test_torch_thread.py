@@ -46,13 +46,13 @@ def test_engine_builds_steps_and_samples_off_the_event_loop(monkeypatch) -> None
 
     monkeypatch.setattr(ModelRunner, "build", classmethod(spy_build))
     monkeypatch.setattr(ModelRunner, "execute", spy_execute)
-    sample_rows = LLMEngine._sample_rows
+    sample_rows = LLMEngine._step_input
 
-    def spy_sample(self, *a):  # noqa: ANN001
+    def spy_sample(self, *a):  # noqa: ANN001  (builds the step input and its sampling spec)
         seen["sample"].add(torch_thread.on_torch_thread())
         return sample_rows(self, *a)
 
-    monkeypatch.setattr(LLMEngine, "_sample_rows", spy_sample)
+    monkeypatch.setattr(LLMEngine, "_step_input", spy_sample)
     group = LocalRunnerGroup.build(RunnerSpec(preset="tiny", num_slots=2, max_len=64))
 
     async def go() -> list[int]:
