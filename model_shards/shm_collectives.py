@@ -11,7 +11,7 @@ Two sets of slots are used in turn (one sequence number per call). A rank writes
 calls later, when every peer has raised its flag for the call in between, which a peer does only after
 it has read the set. That reasoning needs a flag to become visible after the slot written before it,
 which x86's store order (TSO) gives; on other architectures `join` returns None and gloo is used.
-Tensors larger than a slot, and tensors off the CPU, go through the process group as before.
+Tensors larger than a slot go through in slot-sized pieces; tensors off the CPU through the process group.
 """
 
 from __future__ import annotations
@@ -130,33 +130,47 @@ class SharedMemoryGroup:
         dist.barrier(group=pg)  # every pid is written before anyone waits on it
         return group
 
-    def fits(self, x: torch.Tensor) -> bool:
-        return x.device.type == "cpu" and x.numel() * x.element_size() <= self.slot_bytes
+    def handles(self, x: torch.Tensor) -> bool:
+        """CPU tensors go through shared memory (in slot-sized pieces if need be), others through pg."""
+        return x.device.type == "cpu"
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         """Sum of x over the group, in place; returns x."""
-        if not self.fits(x):
+        if not self.handles(x):
             dist.all_reduce(x, op=dist.ReduceOp.SUM, group=self.pg)
             return x
-        slots = self._exchange(x)
-        # Added in rank order with plain adds (a bf16 torch.sum over the slots is 6x slower), the same
-        # order on every rank.
-        out = x.view(-1) if x.is_contiguous() else torch.empty(x.numel(), dtype=x.dtype)
-        torch.add(slots[0], slots[1], out=out)
-        for r in range(2, self.size):
-            out.add_(slots[r])
+        flat = x.view(-1) if x.is_contiguous() else x.reshape(-1).clone()
+        for piece in self._pieces(flat):
+            slots = self._exchange(piece)
+            # Added in rank order with plain adds (a bf16 torch.sum over the slots is 6x slower), the
+            # same order on every rank.
+            torch.add(slots[0], slots[1], out=piece)
+            for r in range(2, self.size):
+                piece.add_(slots[r])
         if not x.is_contiguous():
-            x.copy_(out.view(x.shape))
+            x.copy_(flat.view(x.shape))
         return x
 
     def all_gather(self, x: torch.Tensor) -> list[torch.Tensor]:
         """Every rank's x (same shape on all), in rank order; fresh tensors."""
-        if not self.fits(x):
+        if not self.handles(x):
             parts = [torch.empty_like(x) for _ in range(self.size)]
             dist.all_gather(parts, x.contiguous(), group=self.pg)
             return parts
-        slots = self._exchange(x)
-        return [slots[r].view(x.shape).clone() for r in range(self.size)]
+        flat = x.reshape(-1)
+        out = [torch.empty(flat.numel(), dtype=x.dtype) for _ in range(self.size)]
+        start = 0
+        for piece in self._pieces(flat):
+            slots = self._exchange(piece)
+            for r in range(self.size):
+                out[r][start : start + piece.numel()].copy_(slots[r])
+            start += piece.numel()
+        return [o.view(x.shape) for o in out]
+
+    def _pieces(self, flat: torch.Tensor) -> list[torch.Tensor]:
+        """flat in views of at most a slot each (every rank cuts the same pieces: same shape, same slot)."""
+        per = max(1, self.slot_bytes // flat.element_size())
+        return [flat[i : i + per] for i in range(0, max(flat.numel(), 1), per)] if flat.numel() else []
 
     def _exchange(self, x: torch.Tensor) -> torch.Tensor:
         """Publish x in this rank's slot and wait for all the others: [size, numel] views of the slots,

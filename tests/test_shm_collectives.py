@@ -21,13 +21,13 @@ from model_shards.parallel import TPGroup, all_gather_last_dim, all_reduce
 from model_shards.shm_collectives import SharedMemoryGroup
 from tests.net import free_port
 
-SLOT = 4096  # small slots, so the test also crosses the gloo fallback for bigger tensors
+SLOT = 4096  # small slots, so bigger tensors go through in several pieces
 
 
 def _inputs(rank: int, k: int) -> torch.Tensor:
     """Call k's tensor on `rank`: varying shapes and dtypes, some beyond a slot, some non-contiguous."""
     g = torch.Generator().manual_seed(1000 * k + rank)
-    shape = [(3, 5), (1,), (32, 16), (40, 40), (7, 8, 3)][k % 5]  # (40, 40) fp32 = 6400 bytes > SLOT
+    shape = [(3, 5), (1,), (32, 16), (40, 40), (7, 8, 3)][k % 5]  # (40, 40) fp32: 6400 bytes, 2 pieces
     dtype = [torch.float32, torch.bfloat16, torch.float64][k % 3]
     x = torch.randn(*shape, generator=g).to(dtype)
     if k % 4 == 3 and x.dim() == 2:
