@@ -13,7 +13,7 @@ import datetime
 import socket
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 
@@ -289,18 +289,30 @@ class ShardDiedError(RuntimeError):
     """A rank of a runner group died; the group cannot step any more."""
 
 
-def _dist_worker(rank: int, world_size: int, spec: RunnerSpec, init_method: str, timeout_s: float, threads: int) -> None:
-    """Rank > 0 of a DistributedRunnerGroup: build the slice, then follow rank 0's broadcast commands."""
+def _dist_worker(rank: int, world_size: int, spec: RunnerSpec, init_method: str, timeout_s: float, threads: int,
+                 commands: Any) -> None:
+    """Rank > 0 of a DistributedRunnerGroup: build the slice, then run rank 0's commands as they come.
+
+    Commands arrive over a pipe from rank 0, not through a collective: a collective waiting for the next
+    command would time out (and kill the rank) whenever the engine sat idle for `timeout_s`."""
+    import os
+    import pickle
+
     import torch.distributed as dist
 
     torch.set_num_threads(max(1, threads))
+    parent = os.getppid()
     group = init_distributed(rank, world_size, init_method, None, timeout_s, spec.device, spec.cpu_collectives)
     runner = ModelRunner.build(spec, rank, world_size, group)
     while True:
-        box: list[object] = [None]
-        dist.broadcast_object_list(box, src=0)
-        cmd = box[0]
-        assert isinstance(cmd, tuple)
+        try:
+            if not commands.poll(1.0):
+                if os.getppid() != parent:  # rank 0's process is gone: nobody will send a command again
+                    break
+                continue
+            cmd = pickle.loads(commands.recv_bytes())
+        except EOFError:
+            break
         if cmd[0] == "step":
             runner.execute(cmd[1])
         elif cmd[0] == "update":
@@ -312,7 +324,8 @@ def _dist_worker(rank: int, world_size: int, spec: RunnerSpec, init_method: str,
 
 class DistributedRunnerGroup:
     """TP ranks as plain processes joined by torch.distributed, no Ray: rank 0 lives in this process and
-    broadcasts every command (step, weight update, stop) to the others, which run `_dist_worker`.
+    sends every command (step, weight update, stop) to the others over a pipe each; they run
+    `_dist_worker`. The model's collectives pair up as the ranks execute the same step.
 
     This process joins the default process group as rank 0, so use one group per process.
     """
@@ -324,9 +337,12 @@ class DistributedRunnerGroup:
             raise ValueError(f"DistributedRunnerGroup is for tp >= 2 (use LocalRunnerGroup for 1), got {tp}")
         init_method = f"tcp://127.0.0.1:{free_port()}"
         ctx = mp.get_context("spawn")
+        pipes = [ctx.Pipe(duplex=False) for _ in range(1, tp)]  # (receiving end, sending end)
+        self._senders = [send for _, send in pipes]
         self.procs = [
-            ctx.Process(target=_dist_worker, args=(r, tp, spec, init_method, timeout_s, threads_per_rank), daemon=True)
-            for r in range(1, tp)
+            ctx.Process(target=_dist_worker, args=(r, tp, spec, init_method, timeout_s, threads_per_rank, recv),
+                        daemon=True)
+            for r, (recv, _) in zip(range(1, tp), pipes)
         ]
         for p in self.procs:
             p.start()
@@ -341,14 +357,20 @@ class DistributedRunnerGroup:
         self._dead: str | None = None
 
     def _broadcast(self, cmd: tuple) -> None:
-        import torch.distributed as dist
+        import pickle
 
         for rank, p in enumerate(self.procs, start=1):
             if not p.is_alive():
                 self._dead = f"rank {rank} of {self.tp_size} (pid {p.pid}) exited with code {p.exitcode}"
         if self._dead is not None:
             raise ShardDiedError(self._dead)
-        dist.broadcast_object_list([cmd], src=0)
+        data = pickle.dumps(cmd)  # once, however many ranks
+        for rank, send in enumerate(self._senders, start=1):
+            try:
+                send.send_bytes(data)
+            except OSError as e:  # the rank exited since the check above
+                self._dead = f"rank {rank} of {self.tp_size} exited ({e})"
+                raise ShardDiedError(self._dead) from e
 
     def _execute(self, step: StepInput) -> StepOutput:
         self._broadcast(("step", step))
@@ -379,6 +401,8 @@ class DistributedRunnerGroup:
             p.join(timeout=10)
             if p.is_alive():
                 p.kill()
+        for send in self._senders:
+            send.close()
         if dist.is_initialized():
             dist.destroy_process_group()
         self._dead = self._dead or "the runner group was shut down"

@@ -426,11 +426,13 @@ def test_serve_over_http_with_uvicorn() -> None:
 
 
 def _tp2_without_ray(q) -> None:  # runs in a spawned process: it becomes rank 0 of a gloo group
-    from model_shards.engine import build_engine
+    from model_shards.model_runner import DistributedRunnerGroup
 
     async def go() -> list[list[int]]:
-        eng = build_engine(SPEC, tp=2, use_ray=False, stop_token_ids=[])
+        # collectives time out after 3 s: the engine then idles longer than that, and must survive it
+        eng = LLMEngine(DistributedRunnerGroup(SPEC, 2, timeout_s=3.0), ByteTokenizer(), "tiny", stop_token_ids=[])
         res = await asyncio.gather(*(eng.complete(GenerationRequest(f"d{i}", p, greedy())) for i, p in enumerate(PROMPTS)))
+        await asyncio.sleep(5)
         new = {"lm_head.weight": torch.randn(eng.runners.cfg.vocab_size, eng.runners.cfg.hidden_size, generator=torch.Generator().manual_seed(1))}
         await eng.update_weights(new)
         upd = await eng.complete(GenerationRequest("after", PROMPTS[0], greedy(10)))
