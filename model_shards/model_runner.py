@@ -1,9 +1,10 @@
 """One tensor-parallel rank: the model's slice plus its latent KV cache, executing scheduled steps.
 
 A `RunnerGroup` is what the engine drives: every rank executes the same `StepInput` in lockstep
-(their collectives pair up) and rank 0 samples the step's tokens, which come back. `LocalRunnerGroup` is the single-process
-TP=1 group; `DistributedRunnerGroup` runs T ranks as local processes joined by torch.distributed
-(no Ray); `model_shards.shards.RayShardGroup` places T ranks in Ray actors.
+(their collectives pair up) and rank 0 samples the step's tokens, which come back.
+`LocalRunnerGroup` is the single-process TP=1 group; `DistributedRunnerGroup` runs T ranks as local
+processes joined by torch.distributed (no Ray); `model_shards.shards.RayShardGroup` places T ranks in
+Ray actors.
 """
 
 from __future__ import annotations
@@ -184,7 +185,7 @@ class StepOutput:
 
 
 class ModelRunner:
-    """A rank's model and LatentKVCache; `execute` runs one scheduled step and returns logits."""
+    """A rank's model and LatentKVCache; `execute` runs one scheduled step and returns its sampled tokens."""
 
     def __init__(self, cfg: ModelConfig, model: torch.nn.Module, spec: RunnerSpec, tp_rank: int = 0, tp_size: int = 1):
         from model_shards.model import LatentKVCache
