@@ -227,7 +227,9 @@ def main(argv: list[str] | None = None) -> None:
                     help="engine on the INT4-quantized checkpoint, transformers on its dequantized fp32 copy")
     ap.add_argument("--int4-exact", action="store_true",
                     help="with --int4: the engine's dequantizing INT4 path instead of the packed kernel")
-    ap.add_argument("--cpu-collectives", choices=["shared_memory", "gloo"], default="shared_memory",
+    from model_shards.model_runner import CPU_COLLECTIVES
+
+    ap.add_argument("--cpu-collectives", choices=list(CPU_COLLECTIVES), default="shared_memory",
                     help="how TP > 1 shards on CPU exchange partial sums (RunnerSpec.cpu_collectives)")
     a = ap.parse_args(argv)
     if a.int4_exact and not a.int4:

@@ -21,6 +21,7 @@ import torch
 from model_shards import torch_thread
 from model_shards.config import ModelConfig
 from model_shards.scheduler import StepInput
+from model_shards.shm_collectives import SharedMemoryGroup
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 CPU_COLLECTIVES = ("shared_memory", "gloo")
@@ -85,8 +86,6 @@ def init_distributed(
     on small machines), else the process group itself."""
     import torch.distributed as dist
 
-    from model_shards.shm_collectives import SharedMemoryGroup
-
     if cpu_collectives not in CPU_COLLECTIVES:
         raise ValueError(f"cpu_collectives must be one of {CPU_COLLECTIVES}, got {cpu_collectives!r}")
     if device == "cuda":
@@ -125,8 +124,6 @@ def collectives_name(group: object) -> str:
     """What a model built with `group` runs its collectives on: "shared_memory", "gloo", "nccl", or "none"
     (no group: TP=1)."""
     import torch.distributed as dist
-
-    from model_shards.shm_collectives import SharedMemoryGroup
 
     if group is None:
         return "none"
@@ -209,11 +206,10 @@ class ModelRunner:
         on this rank's device): one token and its logprob per row go back, not the logits."""
         from model_shards.sampling import sample_rows
 
+        logits = self.forward(step)
         spec = step.sample
         if spec is None or len(spec) == 0 or self.tp_rank != 0:  # every rank has the logits; rank 0 answers
-            self.forward(step)
             return StepOutput([], [])
-        logits = self.forward(step)
         tokens, logprobs = sample_rows(logits[spec.rows.to(logits.device)], spec)
         return StepOutput(tokens.tolist(), logprobs.tolist())
 

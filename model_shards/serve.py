@@ -10,7 +10,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from model_shards.model_runner import RunnerSpec
+from model_shards.model_runner import CPU_COLLECTIVES, RunnerSpec
 
 
 def default_tokenizer(checkpoint: str | None) -> str:
@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> None:
                    help="INT4 checkpoint on CPU: dequantize the experts instead of the packed int4 kernel")
     p.add_argument("--cpus-per-shard", type=int, default=1,
                    help="tp > 1: Ray CPUs each shard reserves and the torch threads it runs")
-    p.add_argument("--cpu-collectives", default="shared_memory", choices=["shared_memory", "gloo"],
+    p.add_argument("--cpu-collectives", default="shared_memory", choices=list(CPU_COLLECTIVES),
                    help="tp > 1 on CPU: how the shards exchange partial sums")
     a = p.parse_args(argv)
     if a.int4_exact and a.preset:

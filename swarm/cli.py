@@ -504,8 +504,10 @@ def model_serve(
         fail("--no-ray runs one process: use --tp 1, or drop --no-ray", EXIT_USAGE)
     if dtype not in ("float32", "bfloat16", "float16"):
         fail(f"--dtype must be float32, bfloat16 or float16, got {dtype!r}", EXIT_USAGE)
-    if cpu_collectives not in ("shared_memory", "gloo"):
-        fail(f"--cpu-collectives must be shared_memory or gloo, got {cpu_collectives!r}", EXIT_USAGE)
+    from model_shards.model_runner import CPU_COLLECTIVES
+
+    if cpu_collectives not in CPU_COLLECTIVES:
+        fail(f"--cpu-collectives must be {' or '.join(CPU_COLLECTIVES)}, got {cpu_collectives!r}", EXIT_USAGE)
     extra: dict[str, float] = {}
     if shard_resources is not None:
         try:
