@@ -125,6 +125,9 @@ def test_a_draw_next_to_one_never_picks_a_masked_or_truncated_token() -> None:
     logits = torch.arange(50.0).repeat(2, 1)
     tokens, _ = sample_rows(logits, spec)
     assert set(tokens.tolist()) <= {47, 48, 49}
+    # u * total can round up to total; u = 1 is that edge: still the last allowed token, never one past it
+    spec = SampleSpec.build([0], [SamplingParams(temperature=1.0)], torch.ones(1, dtype=torch.float64), allowed[:1])
+    assert sample_rows(torch.zeros(1, 50), spec)[0].tolist() == [19]
 
 
 def test_sampling_spec_survives_pickling_with_its_mask() -> None:
