@@ -306,7 +306,7 @@ def test_100_node_job_renders_legibly_and_coalesces_updates(page: Any, server: L
     page.goto(f"{server.url}/dashboard#/jobs/{job_id}")
     wait_finished(page, "succeeded", 90_000)
     st = wait_job(server, job_id)
-    assert st["metrics"]["tool_calls"] == 1500 and st["metrics"]["subagents"] == 100
+    assert st["metrics"]["tool_calls"] == 1500 and st["metrics"]["subagents"] == 100, st["metrics"]
     assert page.eval_on_selector_all('#dag .node[data-state="done"]', "els => els.length") == 101
     assert page.text_content('[data-c="tools"]') == "1,500"
     perf = page.evaluate("() => ({flushes: window.__dash.perf.flushes, seq: window.__dash.model.lastSeq})")
